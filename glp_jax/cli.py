@@ -1,0 +1,152 @@
+"""The one `glp` command. Each subcommand is a thin wrapper over a library function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from glp_jax.errors import GLPError
+
+
+def _parse_layers(text: str | None, n_layers: int) -> list[int]:
+    from glp_jax.llm.loading import middle_layer
+
+    if text in (None, "", "middle"):
+        return [middle_layer(n_layers)]
+    if text == "all":
+        return list(range(n_layers))
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError as e:
+        raise GLPError(f"--layers must be comma-separated ints, 'middle' or 'all', got {text!r}") from e
+
+
+def cmd_extract(args) -> int:
+    from glp_jax.data.corpus import open_corpus
+    from glp_jax.data.store import ActivationStore, StoreMeta
+    from glp_jax.llm.extract import Extractor, extract_to_store
+    from glp_jax.llm.loading import load_causal_lm, load_config, resolve_model
+
+    if args.max_tokens <= 0:
+        raise GLPError(f"--max-tokens must be positive, got {args.max_tokens}")
+    cfg = load_config(args.model)
+    n_layers = int(cfg.num_hidden_layers)
+    layers = _parse_layers(args.layers, n_layers)
+    for k in layers:
+        if not 0 <= k < n_layers:
+            raise GLPError(f"layer {k} is out of range for {args.model} with {n_layers} decoder "
+                           f"layers (valid: 0..{n_layers - 1})")
+    corpus = open_corpus(args.corpus)
+    _, model_id = resolve_model(args.model)
+    meta = StoreMeta(model=model_id, layers=layers, d=int(cfg.hidden_size), dtype=args.dtype,
+                     tokenizer=model_id, corpus=corpus.name, split=args.split,
+                     token_policy=args.policy, tokens_per_doc=args.tokens_per_doc,
+                     max_length=args.max_length, seed=args.seed,
+                     extra={"val_docs": args.val_docs})
+    # Validate against an existing store before the (slow) weight load; a mismatch changes nothing.
+    store = ActivationStore.open_or_create(args.out, meta)
+    lm = load_causal_lm(args.model, dtype=args.llm_dtype, device=args.device)
+    extractor = Extractor(lm, layers, max_length=args.max_length, token_policy=args.policy,
+                          tokens_per_doc=args.tokens_per_doc, seed=args.seed,
+                          batch_tokens=args.batch_tokens, device=args.device)
+    res = extract_to_store(extractor, corpus, store, args.max_tokens, split=args.split,
+                           corpus_seed=args.seed, val_docs=args.val_docs,
+                           window_docs=args.window_docs, flush_rows=args.flush_rows,
+                           progress=not args.quiet)
+    rate = res.tokens_run / res.seconds if res.seconds else 0.0
+    print(f"store {args.out}: {res.rows} rows (+{res.rows_added}), layers {layers}, "
+          f"d={meta.d}, {res.docs_done} documents done, {rate:.0f} tokens/s")
+    return 0
+
+
+def cmd_store_info(args) -> int:
+    from glp_jax.data.store import ActivationStore
+
+    info = ActivationStore.open(args.path).info()
+    if args.json:
+        print(json.dumps(info, indent=1, default=str))
+        return 0
+    size = info["size_on_disk_bytes"]
+    print(f"store:   {info['url']}")
+    print(f"rows:    {info['rows']:,}")
+    print(f"d:       {info['d']}   dtype: {info['dtype']}   layers: {info['layers']}")
+    print(f"model:   {info['model']}   hook: {info['hook']}")
+    print(f"corpus:  {info['corpus']} [{info['split']}]   policy: {info['token_policy']}   "
+          f"max_length: {info['max_length']}   seed: {info['seed']}")
+    print(f"size:    {'n/a' if size is None else f'{size / 2**20:.1f} MiB'}")
+    print(f"created: {info['created_by']}")
+    for k, s in info["stats"].items():
+        if s["count"]:
+            print(f"layer {k}: count {s['count']:,}  mean|mu| {s['mean_abs_mean']:.4g}  "
+                  f"std mean {s['mean_std']:.4g} min {s['min_std']:.4g} max {s['max_std']:.4g}")
+        else:
+            print(f"layer {k}: empty")
+    return 0
+
+
+def cmd_store_import(args) -> int:
+    from glp_jax.interop.original_data import import_original
+
+    store = import_original(args.src, args.dst, model=args.model, layer=args.layer,
+                            progress=not args.quiet)
+    print(f"imported {len(store):,} rows (d={store.d}) from {args.src} into {args.dst}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="glp", description="Generative meta-models of LLM activations")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    e = sub.add_parser("extract", help="extract residual-stream activations into a store")
+    e.add_argument("--model", default="smollm2", help="HF id, local dir, or smollm2 (embedded)")
+    e.add_argument("--layers", default="middle", help="e.g. 14 or 3,7,14 or middle or all")
+    e.add_argument("--corpus", default="fortune", help="fortune, a .txt/.jsonl/.parquet, hf:NAME")
+    e.add_argument("--split", default="train", choices=["train", "val", "all"])
+    e.add_argument("--val-docs", type=int, default=None,
+                   help="held-out documents (default min(10000, 10%% of the corpus))")
+    e.add_argument("--max-tokens", type=int, required=True, help="rows to store in total")
+    e.add_argument("--out", required=True, help="store path or kvstore URL")
+    e.add_argument("--policy", default="all", choices=["all", "last", "k"])
+    e.add_argument("--tokens-per-doc", type=int, default=0, help="k for --policy k")
+    e.add_argument("--max-length", type=int, default=2048)
+    e.add_argument("--seed", type=int, default=42, help="document permutation and policy seed")
+    e.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                   help="storage dtype")
+    e.add_argument("--llm-dtype", default="float32", choices=["float32", "bfloat16"])
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--batch-tokens", type=int, default=8192)
+    e.add_argument("--window-docs", type=int, default=64)
+    e.add_argument("--flush-rows", type=int, default=8192)
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(fn=cmd_extract)
+
+    s = sub.add_parser("store", help="inspect or import activation stores")
+    ssub = s.add_subparsers(dest="store_cmd", required=True)
+    i = ssub.add_parser("info", help="rows, d, dtype, layers, model, statistics, size")
+    i.add_argument("path")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(fn=cmd_store_info)
+    imp = ssub.add_parser("import-original", help="import an original-format GLP dataset")
+    imp.add_argument("src")
+    imp.add_argument("dst")
+    imp.add_argument("--model", default="unknown (imported)")
+    imp.add_argument("--layer", type=int, default=-1)
+    imp.add_argument("--quiet", action="store_true")
+    imp.set_defaults(fn=cmd_store_import)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except GLPError as e:
+        print(f"glp: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,447 @@
+"""ActivationStore: LLM activations in tensorstore zarr3 arrays with a commit protocol.
+
+Layout under the store root (a local path or any tensorstore kvstore URL: memory://,
+gs://, s3://, file://):
+
+    glp_store.json       metadata written once at creation (model, layers, d, dtype, ...)
+    commit.npz           the committed row count, the writer's resume cursor and float64
+                         running moments per layer; written last, as one atomic key write
+    layer_{k}/           zarr3 [capacity, d] array per hooked layer (bf16 or fp32)
+    token_ids/           zarr3 [capacity] int32, the token at each row
+    doc_ids/             zarr3 [capacity] int32, the document index of each row
+
+The row axis is preallocated (zarr chunks are sparse, so unwritten rows cost nothing).
+`append` writes the data of rows [n, n+m) to every array, waits until tensorstore reports
+those writes durable, and only then replaces `commit.npz`. Readers see `len(store)` =
+committed rows, so a writer killed at any point leaves a store that opens cleanly; bytes
+past the committed count are garbage that the next append overwrites.
+Single writer per store; any number of readers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import tensorstore as ts
+
+from glp_jax.data.stats import Moments
+from glp_jax.errors import NonFiniteActivationError, StoreError, StoreMismatchError
+
+FORMAT = "glp_jax.activation_store"
+FORMAT_VERSION = 1
+META_KEY = "glp_store.json"
+COMMIT_KEY = "commit.npz"
+DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
+DEFAULT_CAPACITY = 2**34  # rows; zarr chunks are sparse so this costs nothing on disk
+# Fields that must match when a writer re-opens a store to append (the rest is informative).
+IDENTITY_FIELDS = ("model", "layers", "d", "dtype", "hook", "corpus", "split", "token_policy",
+                   "tokens_per_doc", "max_length", "seed", "extra")
+
+# memory:// stores live in a tensorstore Context; share one so re-opening in-process works.
+_MEMORY_CONTEXT = ts.Context()
+
+
+def _version() -> str:
+    from glp_jax import __version__
+
+    return __version__
+
+
+@dataclass
+class StoreMeta:
+    """What was extracted, from which model, and how. Saved as glp_store.json."""
+
+    model: str
+    layers: list[int]
+    d: int
+    dtype: str = "bfloat16"
+    hook: str = "resid_post"  # output of decoder layer k == HF hidden_states[k + 1]
+    tokenizer: str = ""
+    corpus: str = ""
+    split: str = "train"
+    token_policy: str = "all"  # all | last | k
+    tokens_per_doc: int = 0  # k for the "k" policy
+    max_length: int = 2048
+    seed: int = 0
+    created_by: str = field(default_factory=lambda: f"glp_jax {_version()}")
+    shard_rows: int = 16384
+    chunk_rows: int = 8
+    capacity: int = DEFAULT_CAPACITY
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.layers = [int(k) for k in self.layers]
+        if not self.layers or len(set(self.layers)) != len(self.layers):
+            raise StoreError(f"layers must be a non-empty list of distinct ints, got {self.layers}")
+        if self.dtype not in DTYPES:
+            raise StoreError(f"dtype {self.dtype!r} unsupported; use one of {sorted(DTYPES)}")
+        if self.d <= 0:
+            raise StoreError(f"d must be positive, got {self.d}")
+        if self.shard_rows % self.chunk_rows:
+            raise StoreError("shard_rows must be a multiple of chunk_rows")
+
+    def to_json(self) -> dict:
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, **dataclasses.asdict(self)}
+
+    @staticmethod
+    def from_json(obj: dict) -> StoreMeta:
+        if obj.get("format") != FORMAT:
+            raise StoreError(f"{META_KEY} is not a glp_jax activation store (format={obj.get('format')!r})")
+        if obj.get("format_version", 0) > FORMAT_VERSION:
+            raise StoreError(f"store format_version {obj['format_version']} is newer than this glp_jax "
+                             f"({FORMAT_VERSION}); upgrade glp_jax to read it")
+        names = {f.name for f in dataclasses.fields(StoreMeta)}
+        return StoreMeta(**{k: v for k, v in obj.items() if k in names})
+
+
+@dataclass(frozen=True)
+class Commit:
+    """The committed state: rows visible to readers, resume cursor, per-layer moments."""
+
+    rows: int
+    cursor: dict
+    moments: dict[int, Moments]
+    seq: int = 0  # increments on every commit; lets a follower notice progress
+
+    def to_bytes(self) -> bytes:
+        layers = sorted(self.moments)
+        buf = io.BytesIO()
+        np.savez(
+            buf,
+            rows=np.int64(self.rows),
+            seq=np.int64(self.seq),
+            cursor=np.frombuffer(json.dumps(self.cursor).encode(), np.uint8),
+            layers=np.asarray(layers, np.int64),
+            count=np.asarray([self.moments[k].count for k in layers], np.int64),
+            mean=np.stack([self.moments[k].mean for k in layers]),
+            m2=np.stack([self.moments[k].m2 for k in layers]),
+        )
+        return buf.getvalue()
+
+    @staticmethod
+    def from_bytes(raw: bytes) -> Commit:
+        z = np.load(io.BytesIO(raw), allow_pickle=False)
+        layers = [int(k) for k in z["layers"]]
+        moments = {k: Moments(int(z["count"][i]), z["mean"][i], z["m2"][i])
+                   for i, k in enumerate(layers)}
+        cursor = json.loads(z["cursor"].tobytes().decode())
+        return Commit(int(z["rows"]), cursor, moments, int(z["seq"]))
+
+
+def kvstore_spec(url: str) -> str | dict:
+    """A tensorstore kvstore spec for a local path or URL, with a trailing slash."""
+    url = str(url)
+    if "://" in url:
+        return url.rstrip("/") + "/"
+    return {"driver": "file", "path": os.path.abspath(url).rstrip("/") + "/"}
+
+
+def _child(base: str | dict, name: str) -> str | dict:
+    if isinstance(base, dict):
+        return {**base, "path": base["path"] + name + "/"}
+    return base + name + "/"
+
+
+def _context_for(url: str) -> ts.Context:
+    if str(url).startswith("memory://"):
+        return _MEMORY_CONTEXT
+    return ts.Context({"cache_pool": {"total_bytes_limit": 0}})
+
+
+def _array_spec(kv, shape, dtype: str, shard_rows: int, chunk_rows: int) -> dict:
+    inner = [chunk_rows, *shape[1:]]
+    return {
+        "driver": "zarr3",
+        "kvstore": kv,
+        "metadata": {
+            "shape": list(shape),
+            "data_type": dtype,
+            "chunk_grid": {"name": "regular",
+                           "configuration": {"chunk_shape": [shard_rows, *shape[1:]]}},
+            "codecs": [{"name": "sharding_indexed", "configuration": {
+                "chunk_shape": inner,
+                "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}],
+                "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
+                                 {"name": "crc32c"}],
+            }}],
+        },
+    }
+
+
+class ActivationStore:
+    """Per-layer activation rows plus token/document ids and float64 statistics.
+
+    Open with `ActivationStore.open(url)` (existing), `create(url, meta)` (new), or
+    `open_or_create(url, meta)` (resume a compatible store, create otherwise).
+    """
+
+    def __init__(self, url: str, meta: StoreMeta, context: ts.Context, kv: ts.KvStore):
+        self.url = str(url)
+        self.meta = meta
+        self._context = context
+        self._kv = kv
+        base = kvstore_spec(self.url)
+        open_arr = lambda name: ts.open(  # noqa: E731
+            {"driver": "zarr3", "kvstore": _child(base, name)}, context=context, open=True
+        )
+        try:
+            self._acts = {k: open_arr(f"layer_{k}") for k in meta.layers}
+            self._token_ids = open_arr("token_ids")
+            self._doc_ids = open_arr("doc_ids")
+            self._acts = {k: f.result() for k, f in self._acts.items()}
+            self._token_ids = self._token_ids.result()
+            self._doc_ids = self._doc_ids.result()
+        except ValueError as e:
+            raise StoreError(f"store {self.url} is incomplete or corrupt: a zarr array is missing "
+                             f"or unreadable ({e}). Re-extract into a new --out path.") from e
+        self._commit = self._read_commit()
+
+    # ----------------------------------------------------------------- opening
+    @classmethod
+    def create(cls, url: str, meta: StoreMeta) -> ActivationStore:
+        context = _context_for(url)
+        kv = ts.KvStore.open(kvstore_spec(url), context=context).result()
+        if kv.read(META_KEY).result().state == "value":
+            raise StoreError(f"{url} already holds a store; open it, or choose a new path")
+        base = kvstore_spec(url)
+        shape2 = (meta.capacity, meta.d)
+        futures = [ts.open(_array_spec(_child(base, f"layer_{k}"), shape2, meta.dtype,
+                                       meta.shard_rows, meta.chunk_rows),
+                           context=context, create=True)
+                   for k in meta.layers]
+        for name in ("token_ids", "doc_ids"):
+            futures.append(ts.open(_array_spec(_child(base, name), (meta.capacity,), "int32",
+                                               meta.shard_rows, 1024), context=context, create=True))
+        for f in futures:
+            f.result()
+        empty = Commit(0, {}, {k: Moments.zeros((meta.d,)) for k in meta.layers}, 0)
+        kv.write(COMMIT_KEY, empty.to_bytes()).result()
+        # The metadata goes last: a path holding glp_store.json is a complete, empty store.
+        kv.write(META_KEY, json.dumps(meta.to_json(), indent=1).encode()).result()
+        return cls(url, meta, context, kv)
+
+    @classmethod
+    def open(cls, url: str) -> ActivationStore:
+        context = _context_for(url)
+        local = "://" not in str(url)
+        if local and not os.path.isdir(url):
+            raise StoreError(f"no activation store at {url}: the directory does not exist. "
+                             f"Create one with `glp extract --out {url} ...`.")
+        kv = ts.KvStore.open(kvstore_spec(url), context=context).result()
+        raw = kv.read(META_KEY).result()
+        if raw.state != "value":
+            raise StoreError(f"{url} is not an activation store (no {META_KEY}). Point at the "
+                             f"directory written by `glp extract`, or import original data with "
+                             f"`glp store import-original`.")
+        try:
+            meta = StoreMeta.from_json(json.loads(raw.value))
+        except (json.JSONDecodeError, TypeError) as e:
+            raise StoreError(f"{url}/{META_KEY} is corrupt ({e}); the store cannot be trusted") from e
+        return cls(url, meta, context, kv)
+
+    @classmethod
+    def open_or_create(cls, url: str, meta: StoreMeta) -> ActivationStore:
+        """Resume an existing compatible store, or create one. Mismatch leaves it untouched."""
+        try:
+            store = cls.open(url)
+        except StoreError:
+            if _holds_store(url):
+                raise
+            return cls.create(url, meta)
+        store.check_compatible(meta)
+        return store
+
+    def check_compatible(self, meta: StoreMeta) -> None:
+        mine, theirs = dataclasses.asdict(self.meta), dataclasses.asdict(meta)
+        diffs = [f"{k}: store has {mine[k]!r}, requested {theirs[k]!r}"
+                 for k in IDENTITY_FIELDS if mine[k] != theirs[k]]
+        if diffs:
+            raise StoreMismatchError(
+                f"store {self.url} was written with different settings:\n  " + "\n  ".join(diffs)
+                + "\nNothing was changed. Use a new --out path, or rerun with the store's settings.")
+
+    # ----------------------------------------------------------------- committed state
+    def _read_commit(self) -> Commit:
+        raw = self._kv.read(COMMIT_KEY).result()
+        if raw.state != "value":
+            raise StoreError(f"store {self.url} has no {COMMIT_KEY}; it is incomplete. "
+                             f"Re-extract into a new --out path.")
+        try:
+            return Commit.from_bytes(raw.value)
+        except Exception as e:  # noqa: BLE001 - any decode failure means corruption
+            raise StoreError(f"{self.url}/{COMMIT_KEY} is corrupt ({e})") from e
+
+    def refresh(self) -> int:
+        """Re-read the commit record (rows appended by another process become visible)."""
+        self._commit = self._read_commit()
+        return len(self)
+
+    def __len__(self) -> int:
+        return self._commit.rows
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.meta.layers)
+
+    @property
+    def d(self) -> int:
+        return self.meta.d
+
+    @property
+    def cursor(self) -> dict:
+        return dict(self._commit.cursor)
+
+    @property
+    def commit_seq(self) -> int:
+        return self._commit.seq
+
+    def moments(self, layer: int | None = None) -> Moments:
+        return self._commit.moments[self._layer(layer)]
+
+    def mean(self, layer: int | None = None) -> np.ndarray:
+        return self.moments(layer).mean
+
+    def var(self, layer: int | None = None) -> np.ndarray:
+        return self.moments(layer).var
+
+    def _layer(self, layer: int | None) -> int:
+        if layer is None:
+            if len(self.meta.layers) != 1:
+                raise StoreError(f"store holds layers {self.meta.layers}; name one with layer=")
+            return self.meta.layers[0]
+        if layer not in self._acts:
+            raise StoreError(f"layer {layer} is not in store {self.url} (layers {self.meta.layers})")
+        return layer
+
+    # ----------------------------------------------------------------- writing
+    def append(self, acts: Mapping[int, np.ndarray], token_ids: np.ndarray, doc_ids: np.ndarray,
+               cursor: dict | None = None) -> int:
+        """Write rows for every layer, make them durable, then commit. Returns the new length.
+
+        Refuses (NonFiniteActivationError) rows holding NaN/Inf: nothing is written.
+        """
+        token_ids = np.asarray(token_ids, np.int32).reshape(-1)
+        doc_ids = np.asarray(doc_ids, np.int32).reshape(-1)
+        m = token_ids.shape[0]
+        if doc_ids.shape[0] != m:
+            raise StoreError(f"token_ids ({m}) and doc_ids ({doc_ids.shape[0]}) differ in length")
+        if set(acts) != set(self.meta.layers):
+            raise StoreError(f"append got layers {sorted(acts)}, store holds {self.meta.layers}")
+        cast = {}
+        for k, x in acts.items():
+            x = np.asarray(x)
+            if x.ndim != 2 or x.shape[1] != self.meta.d or x.shape[0] != m:
+                raise StoreError(f"layer {k}: expected [{m}, {self.meta.d}] activations, got "
+                                 f"{list(x.shape)}; the store was made for d={self.meta.d}")
+            bad = ~np.isfinite(x).all(axis=1)
+            if bad.any():
+                rows = np.flatnonzero(bad)
+                raise NonFiniteActivationError(
+                    f"layer {k}: {rows.size} of {m} rows contain NaN/Inf (first at document "
+                    f"{int(doc_ids[rows[0]])}); nothing was written. Run the LLM in float32, or "
+                    f"check the model weights.")
+            cast[k] = x.astype(DTYPES[self.meta.dtype])
+        n0 = len(self)
+        if n0 + m > self.meta.capacity:
+            raise StoreError(f"store capacity {self.meta.capacity} rows would be exceeded")
+        if m:
+            sl = slice(n0, n0 + m)
+            futures = [self._acts[k][sl].write(v) for k, v in cast.items()]
+            futures.append(self._token_ids[sl].write(token_ids))
+            futures.append(self._doc_ids[sl].write(doc_ids))
+            for f in futures:
+                f.result()  # durable (file driver fsyncs) before the commit below
+        moments = {k: self._commit.moments[k].merge(Moments.of(v)) for k, v in cast.items()}
+        new = Commit(n0 + m, dict(cursor if cursor is not None else self._commit.cursor), moments,
+                     self._commit.seq + 1)
+        self._kv.write(COMMIT_KEY, new.to_bytes()).result()
+        self._commit = new
+        return new.rows
+
+    # ----------------------------------------------------------------- reading
+    def _check_indices(self, idx: np.ndarray) -> None:
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"row index out of range [0, {len(self)}) of store {self.url}")
+
+    def read_rows(self, idx: Sequence[int] | np.ndarray, layer: int | None = None) -> np.ndarray:
+        """Rows `idx` (any order, repeats allowed) as float32 [B, d]; one tensorstore read."""
+        idx = np.asarray(idx, np.int64).reshape(-1)
+        self._check_indices(idx)
+        uniq, inverse = np.unique(idx, return_inverse=True)  # sorted reads are much faster
+        out = self._acts[self._layer(layer)].oindex[uniq].read().result()
+        return np.asarray(out, np.float32)[inverse]
+
+    def read_range(self, start: int, stop: int, layer: int | None = None) -> np.ndarray:
+        stop = min(stop, len(self))
+        if start < 0 or start > stop:
+            raise IndexError(f"bad range [{start}, {stop}) for store of {len(self)} rows")
+        return np.asarray(self._acts[self._layer(layer)][start:stop].read().result(), np.float32)
+
+    def read_raw(self, start: int, stop: int, layer: int | None = None) -> np.ndarray:
+        """Rows in the stored dtype (bf16 bit-exact), for export and round-trip checks."""
+        stop = min(stop, len(self))
+        return self._acts[self._layer(layer)][start:stop].read().result()
+
+    def token_ids(self, idx=None) -> np.ndarray:
+        return self._ids(self._token_ids, idx)
+
+    def doc_ids(self, idx=None) -> np.ndarray:
+        return self._ids(self._doc_ids, idx)
+
+    def _ids(self, arr, idx) -> np.ndarray:
+        if idx is None:
+            return np.asarray(arr[: len(self)].read().result())
+        idx = np.asarray(idx, np.int64).reshape(-1)
+        self._check_indices(idx)
+        uniq, inverse = np.unique(idx, return_inverse=True)
+        return np.asarray(arr.oindex[uniq].read().result())[inverse]
+
+    # ----------------------------------------------------------------- summary
+    def size_on_disk(self) -> int | None:
+        """Bytes under a local store directory; None for remote kvstores."""
+        if "://" in self.url and not self.url.startswith("file://"):
+            return None
+        root = self.url.removeprefix("file://")
+        return sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(root) for f in fs)
+
+    def info(self) -> dict:
+        out = {"url": self.url, "rows": len(self), **dataclasses.asdict(self.meta),
+               "cursor": self.cursor, "size_on_disk_bytes": self.size_on_disk()}
+        out["stats"] = {}
+        for k in self.meta.layers:
+            mo = self.moments(k)
+            out["stats"][k] = {
+                "count": mo.count,
+                "mean_abs_mean": float(np.abs(mo.mean).mean()) if mo.count else None,
+                "mean_std": float(mo.std.mean()) if mo.count else None,
+                "max_std": float(mo.std.max()) if mo.count else None,
+                "min_std": float(mo.std.min()) if mo.count else None,
+            }
+        return out
+
+
+def _holds_store(url: str) -> bool:
+    """True if `url` holds anything at all (so create() must not write over it)."""
+    if "://" not in str(url):
+        return os.path.isdir(url) and bool(os.listdir(url))
+    kv = ts.KvStore.open(kvstore_spec(url), context=_context_for(url)).result()
+    return bool(kv.list().result())
+
+
+def wait_for_rows(store: ActivationStore, min_rows: int, timeout_s: float, poll_s: float = 0.5) -> int:
+    """Block until the store has at least `min_rows` committed rows (follow mode)."""
+    deadline = time.monotonic() + timeout_s
+    while store.refresh() < min_rows:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(poll_s)
+    return len(store)
