@@ -220,7 +220,8 @@ class ActivationStore:
                    for k in meta.layers]
         for name in ("token_ids", "doc_ids"):
             futures.append(ts.open(_array_spec(_child(base, name), (meta.capacity,), "int32",
-                                               meta.shard_rows, 1024), context=context, create=True))
+                                               meta.shard_rows, min(1024, meta.shard_rows)),
+                                 context=context, create=True))
         for f in futures:
             f.result()
         empty = Commit(0, {}, {k: Moments.zeros((meta.d,)) for k in meta.layers}, 0)
