@@ -95,6 +95,12 @@ def cmd_store_import(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from glp_jax.demo import run_demo
+
+    return run_demo()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="glp", description="Generative meta-models of LLM activations")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -135,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--layer", type=int, default=-1)
     imp.add_argument("--quiet", action="store_true")
     imp.set_defaults(fn=cmd_store_import)
+    dm = sub.add_parser("demo", help="the end-to-end demo on the embedded model and corpus")
+    dm.set_defaults(fn=cmd_demo)
     return p
 
 

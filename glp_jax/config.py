@@ -1,0 +1,183 @@
+"""Typed training configuration: YAML files + `key=value` overrides, unknown keys rejected.
+
+Keys keep the original GLP code's names where it had them (`train_dataset`, `batch_size`,
+`learning_rate`, `gradient_clipping_threshold`, `log_every_n_steps`, `save_every_n_steps`,
+`output_path`, model keys `d_input`, `d_model`, `d_mlp`, `n_layers`,
+`multi_layer_n_layers`). All keys are top level.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from glp_jax.errors import ConfigError
+
+
+@dataclass
+class TrainConfig:
+    # data
+    train_dataset: str = ""  # store path or kvstore URL
+    val_dataset: str | None = None  # held-out store for the periodic validation loss
+    layers: list[int] | None = None  # store layers to train on; several = multi-layer GLP
+    data_mode: str = "single"  # single (each row once) | repeat | follow (live extraction)
+    follow_timeout_s: float = 600.0
+    data_threads: int = 4
+    # model (d_input defaults to the store's d; widths to 2d and 4d)
+    d_input: int | None = None
+    d_model: int | None = None
+    d_mlp: int | None = None
+    n_layers: int = 3
+    multi_layer_n_layers: int | None = None
+    # optimisation (the original recipe, GLP_SPEC.md section 4)
+    batch_size: int = 4096
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.01
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+    adam_eps: float = 1e-8
+    warmup_ratio: float = 0.01
+    initial_factor: float = 0.01
+    final_factor: float = 0.1
+    gradient_clipping_threshold: float = 1.0
+    use_bf16: bool = True  # bf16 compute, fp32 master parameters
+    sigma_sampling: str = "discrete"  # discrete (original, 1000 levels) | continuous
+    # run length: num_steps, or num_activations (steps = num_activations // batch_size)
+    num_steps: int | None = None
+    num_activations: int | None = None
+    seed: int = 0
+    # parallelism: mesh axis sizes, -1 = fill with the remaining devices
+    mesh_data: int = -1
+    mesh_fsdp: int = 1
+    # logging, evaluation, checkpoints
+    output_path: str = "runs/glp"
+    log_every_n_steps: int = 10
+    eval_every_n_steps: int = 0  # 0 = only at the end
+    eval_rows: int = 2048
+    eval_sigmas: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
+    save_every_n_steps: int = 1000
+    keep_last_n: int = 2
+    epoch_size: int = 1_000_000  # activations per "epoch" (log-spaced epoch_N checkpoints)
+    save_epochs: str | list[int] = "log2"  # log2 = 1, 2, 4, ... epochs; or an explicit list
+    async_checkpointing: bool = True
+    peak_flops: float | None = None  # per device, for MFU; None = not reported
+    progress: bool = True
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        if self.batch_size <= 0 or self.gradient_accumulation_steps <= 0:
+            raise ConfigError("batch_size and gradient_accumulation_steps must be positive")
+        if self.batch_size % self.gradient_accumulation_steps:
+            raise ConfigError(f"batch_size {self.batch_size} must be divisible by "
+                              f"gradient_accumulation_steps {self.gradient_accumulation_steps}")
+        if self.data_mode not in ("single", "repeat", "follow"):
+            raise ConfigError(f"data_mode must be single, repeat or follow, got {self.data_mode!r}")
+        if self.sigma_sampling not in ("discrete", "continuous"):
+            raise ConfigError(f"sigma_sampling must be discrete or continuous, got {self.sigma_sampling!r}")
+        if self.n_layers <= 0:
+            raise ConfigError(f"n_layers must be positive, got {self.n_layers}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.num_steps is not None and self.num_activations is not None:
+            raise ConfigError("give num_steps or num_activations, not both")
+
+    @property
+    def total_steps(self) -> int:
+        if self.num_steps is not None:
+            return int(self.num_steps)
+        if self.num_activations is not None:
+            return max(1, int(self.num_activations) // self.batch_size)
+        raise ConfigError("set num_steps or num_activations (run length)")
+
+    def epoch_checkpoints(self) -> list[int]:
+        """Steps at which epoch_N checkpoints are kept (N in units of epoch_size activations)."""
+        total_acts = self.total_steps * self.batch_size
+        if self.save_epochs == "log2":
+            epochs, e = [], 1
+            while e * self.epoch_size <= total_acts:
+                epochs.append(e)
+                e *= 2
+        elif isinstance(self.save_epochs, list):
+            epochs = [int(e) for e in self.save_epochs]
+        else:
+            raise ConfigError(f"save_epochs must be 'log2' or a list of ints, got {self.save_epochs!r}")
+        return epochs
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _coerce(name: str, value: Any, default: Any) -> Any:
+    if isinstance(value, str) and not isinstance(default, str):
+        value = yaml.safe_load(value) if value != "" else None
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(default, bool) and not isinstance(value, bool):
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float):
+        if value != int(value):
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+        value = int(value)
+    return value
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`["config=x.yaml", "batch_size=64"]` -> {"config": ..., "batch_size": "64"}."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"expected key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v
+    return out
+
+
+def make_config(values: dict[str, Any], cls=TrainConfig):
+    """Build a config from a dict (YAML or overrides); unknown keys get a suggestion."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    defaults = cls.__new__(cls)
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            setattr(defaults, f.name, f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            setattr(defaults, f.name, f.default_factory())
+    kwargs = {}
+    for k, v in values.items():
+        if k not in fields:
+            close = difflib.get_close_matches(k, fields, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown config key {k!r}{hint} (see glp_jax/config.py for the keys)")
+        kwargs[k] = _coerce(k, v, getattr(defaults, k))
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(str(e)) from e
+
+
+def load_config(items: list[str], cls=TrainConfig):
+    """`config=FILE.yaml` (optional, first) plus `key=value` overrides."""
+    over = parse_overrides(items)
+    values: dict[str, Any] = {}
+    if "config" in over:
+        path = Path(over.pop("config"))
+        if not path.exists():
+            raise ConfigError(f"config file {path} not found")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must hold a mapping of config keys")
+        values.update(loaded)
+    values.update(over)
+    return make_config(values, cls)
+
+
+def save_config(cfg, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
