@@ -1,3 +1,10 @@
 """glp_jax: generative meta-models of LLM activations in JAX."""
 
 __version__ = "0.1.0"
+
+
+def load(run_dir, step="latest"):
+    """A trained GLP (ours or the original release's layout) ready to sample/project/encode."""
+    from glp_jax.api import load as _load
+
+    return _load(run_dir, step)

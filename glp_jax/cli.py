@@ -95,6 +95,67 @@ def cmd_store_import(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from glp_jax.config import load_config
+    from glp_jax.distributed import maybe_initialize
+    from glp_jax.train import train
+
+    maybe_initialize()
+    cfg = load_config(args.overrides)
+    row = train(cfg)
+    if row:
+        print(f"step {row['step']}: loss {row['loss']:.4f}"
+              + (f", val_loss {row['val_loss']:.4f}" if "val_loss" in row else "")
+              + f" -> {cfg.output_path}")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    import numpy as np
+
+    from glp_jax.api import load
+
+    glp = load(args.run, step=args.step)
+    x = glp.sample(args.n, steps=args.steps, seed=args.seed, layer=args.layer)
+    np.save(args.out, x)
+    print(f"saved {x.shape[0]} samples [d={x.shape[1]}] from {glp.source} (step {glp.step}) "
+          f"to {args.out}")
+    return 0
+
+
+def cmd_model_info(args) -> int:
+    from glp_jax.config import parse_overrides
+    from glp_jax.model import model_info
+
+    over = parse_overrides(args.overrides)
+    if "config" in over:
+        import yaml
+
+        from glp_jax.model import GLPConfig
+
+        loaded = yaml.safe_load(open(over.pop("config"))) or {}
+        keys = {"d_input", "d_model", "d_mlp", "n_layers", "multi_layer_n_layers"}
+        over = {**{k: v for k, v in loaded.items() if k in keys and v is not None}, **over}
+        assert GLPConfig  # keys validated by model_info
+    info = model_info(over)
+    print(f"params: {info['params']}")
+    print(f"widths: d_input={info['d_input']} d_model={info['d_model']} d_mlp={info['d_mlp']} "
+          f"n_layers={info['n_layers']} multi_layer_n_layers={info['multi_layer_n_layers']}")
+    print(f"train FLOPs per activation: 6N = {info['train_flops_per_activation_6N']} "
+          f"exact matmul = {info['train_flops_per_activation_matmul']}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from glp_jax.api import load
+    from glp_jax.interop.original_ckpt import export_original
+
+    glp = load(args.run, step=args.step)
+    export_original(glp.model, glp.normalizer, args.out)
+    print(f"exported {glp.source} (step {glp.step}) to {args.out} in the original layout")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from glp_jax.demo import run_demo
 
@@ -141,6 +202,32 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--layer", type=int, default=-1)
     imp.add_argument("--quiet", action="store_true")
     imp.set_defaults(fn=cmd_store_import)
+    t = sub.add_parser("train", help="train a GLP: config=FILE.yaml key=value ...")
+    t.add_argument("overrides", nargs="*", help="config=FILE and key=value overrides")
+    t.set_defaults(fn=cmd_train)
+
+    sp = sub.add_parser("sample", help="sample activations from a trained GLP")
+    sp.add_argument("run", help="run directory (ours or the original layout)")
+    sp.add_argument("--n", type=int, default=1000)
+    sp.add_argument("--steps", type=int, default=20)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--layer", type=int, default=None, help="LLM layer (multi-layer GLPs)")
+    sp.add_argument("--step", default="latest", help="checkpoint: latest, a step, or epoch_N")
+    sp.add_argument("--out", required=True, help=".npy file for the [n, d] samples")
+    sp.set_defaults(fn=cmd_sample)
+
+    m = sub.add_parser("model", help="model sizes")
+    msub = m.add_subparsers(dest="model_cmd", required=True)
+    mi = msub.add_parser("info", help="params and FLOPs: key=value (d_input, n_layers, ...) or config=FILE")
+    mi.add_argument("overrides", nargs="*")
+    mi.set_defaults(fn=cmd_model_info)
+
+    ex = sub.add_parser("export", help="export a run to the original release's layout")
+    ex.add_argument("run")
+    ex.add_argument("--out", required=True)
+    ex.add_argument("--step", default="latest")
+    ex.set_defaults(fn=cmd_export)
+
     dm = sub.add_parser("demo", help="the end-to-end demo on the embedded model and corpus")
     dm.set_defaults(fn=cmd_demo)
     return p

@@ -53,6 +53,7 @@ class TrainConfig:
     num_steps: int | None = None
     num_activations: int | None = None
     seed: int = 0
+    stop_at_step: int | None = None  # leave (checkpointed) at this step: time-boxed jobs
     # parallelism: mesh axis sizes, -1 = fill with the remaining devices
     mesh_data: int = -1
     mesh_fsdp: int = 1

@@ -266,7 +266,8 @@ def train(cfg: TrainConfig, mesh=None, stop_after_steps: int | None = None) -> d
         t_window, last_row = time.perf_counter(), {}
         flops_exact_per_act = 3 * info.fwd_matmul_flops
         step, steps_this_call, rate_steps = start, 0, 0
-        while step < total:
+        end = total if cfg.stop_at_step is None else min(total, cfg.stop_at_step)
+        while step < end:
             try:
                 batch = next(it)
             except StopIteration:
@@ -291,7 +292,8 @@ def train(cfg: TrainConfig, mesh=None, stop_after_steps: int | None = None) -> d
             bar.update(1)
             boundary_log = step % cfg.log_every_n_steps == 0 or step == total
             boundary_save = step % cfg.save_every_n_steps == 0 or step == total
-            stopping = stop_after_steps is not None and steps_this_call >= stop_after_steps
+            stopping = ((stop_after_steps is not None and steps_this_call >= stop_after_steps)
+                        or (cfg.stop_at_step is not None and step >= cfg.stop_at_step))
             if boundary_log or boundary_save or step in epoch_steps or stopping:
                 losses = np.asarray(jax.device_get(jnp.stack([w[0] for w in window])))
                 if not np.isfinite(losses).all():

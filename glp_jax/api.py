@@ -1,0 +1,150 @@
+"""`glp_jax.load(run_dir)`: a trained GLP ready to sample, project and encode.
+
+Accepts our run directories (orbax checkpoints) and folders in the original release's
+layout (`config.yaml`, `rep_statistics.pt`, `final.safetensors`), so the public
+checkpoints load the same way.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from glp_jax import flow
+from glp_jax.errors import CheckpointError
+from glp_jax.model import GLP, GLPConfig, Normalizer
+
+
+@dataclass
+class LoadedGLP:
+    """A denoiser with its normaliser. Inputs and outputs are raw (denormalised) activations."""
+
+    model: GLP
+    normalizer: Normalizer
+    config: GLPConfig
+    layers: list[int]  # LLM layers the model was trained on
+    source: str
+    step: int | None = None
+
+    def _layer_args(self, layer: int | None, n: int):
+        """(layer position in the statistics, LLM layer ids for the model) for `layer`."""
+        if len(self.layers) <= 1 and not self.config.is_multi_layer:
+            return None, None
+        if layer is None:
+            raise ValueError(f"multi-layer GLP (layers {self.layers}): pass layer=")
+        if layer not in self.layers:
+            raise ValueError(f"layer {layer} not among the trained layers {self.layers}")
+        pos = self.layers.index(layer) if self.normalizer.n_layers else None
+        return pos, jnp.full((n,), layer, jnp.int32)
+
+    def _apply(self, layer_ids, with_meta=False):
+        model = self.model
+
+        def apply_fn(z, sigma_B):
+            return model(z, sigma_B, layer_ids, return_meta=with_meta)
+
+        return apply_fn
+
+    def sample(self, n: int, steps: int = 20, seed: int = 0, layer: int | None = None) -> np.ndarray:
+        pos, ids = self._layer_args(layer, n)
+        z = _sample(self.model, jax.random.key(seed), n, self.config.d_input, steps, ids)
+        return np.asarray(self.normalizer.denormalize(z, pos))
+
+    def project(self, acts_BxD, seed: int = 0, layer: int | None = None,
+                convention: str = "code", sigma0: float = 0.5, steps: int = 20) -> np.ndarray:
+        """On-manifold projection of (e.g. steered) activations."""
+        acts = jnp.asarray(acts_BxD, jnp.float32)
+        pos, ids = self._layer_args(layer, acts.shape[0])
+        x = self.normalizer.normalize(acts, pos)
+        out = _project(self.model, x, jax.random.key(seed), ids, convention, sigma0, steps)
+        return np.asarray(self.normalizer.denormalize(out, pos))
+
+    def encode(self, acts_BxD, sigma: float = 0.1, seed: int = 0,
+               layer: int | None = None) -> np.ndarray:
+        """Meta-neuron features [B, n_layers * d_mlp] at noise level sigma."""
+        acts = jnp.asarray(acts_BxD, jnp.float32)
+        pos, ids = self._layer_args(layer, acts.shape[0])
+        x = self.normalizer.normalize(acts, pos)
+        return np.asarray(_encode(self.model, x, jax.random.key(seed), ids, sigma))
+
+
+@partial(nnx.jit, static_argnums=(2, 3, 4))
+def _sample(model, key, n, d, steps, ids):
+    return flow.sample(lambda z, s: model(z, s, ids), key, (n, d), steps)
+
+
+@partial(nnx.jit, static_argnums=(4, 5, 6))
+def _project(model, x, key, ids, convention, sigma0, steps):
+    return flow.project_on_manifold(lambda z, s: model(z, s, ids), x, key, convention, sigma0, steps)
+
+
+@nnx.jit
+def _encode(model, x, key, ids, sigma):
+    return flow.meta_neurons(lambda z, s: model(z, s, ids, return_meta=True), x, key, sigma)
+
+
+def load(run_dir: str | Path, step: int | str = "latest") -> LoadedGLP:
+    """Load a run (ours or the original release's layout). step: int, 'latest', or
+    'epoch_N' (our log-spaced epoch checkpoints; original: checkpoints/epoch_N)."""
+    run_dir = Path(run_dir)
+    if (run_dir / "config.yaml").exists() and not (run_dir / "run.json").exists():
+        from glp_jax.interop.original_ckpt import load_original
+
+        name = "final" if step == "latest" else str(step)
+        if name.startswith("epoch_"):
+            name = f"checkpoints/{name}"
+        cfg, model, normalizer = load_original(run_dir, checkpoint=name)
+        layers = list(range(cfg.multi_layer_n_layers)) if cfg.is_multi_layer else []
+        return LoadedGLP(model, normalizer, cfg, layers, str(run_dir), None)
+    return _load_ours(run_dir, step)
+
+
+def _load_ours(run_dir: Path, step) -> LoadedGLP:
+    from glp_jax.checkpoint import RunCheckpoints, abstract_with_shardings
+    from glp_jax.config import make_config
+    from glp_jax.sharding import make_mesh, tree_shardings
+    from glp_jax.train import make_optimizer
+
+    if not (run_dir / "run.json").exists():
+        raise CheckpointError(f"{run_dir} is not a training run (no run.json) nor an original-"
+                              f"format folder (no config.yaml)")
+    resolved = json.loads((run_dir / "run.json").read_text())
+    glp_cfg = GLPConfig.from_dict(resolved["glp"]).resolved()
+    train_keys = {k: v for k, v in resolved.items() if k not in ("glp", "run", "layers")}
+    cfg = make_config(train_keys)
+    stats = np.load(run_dir / "normalizer.npz")
+    normalizer = Normalizer(mean=jnp.asarray(stats["mean"]), var=jnp.asarray(stats["var"]),
+                            std=jnp.asarray(stats["std"]))
+    ckpt = RunCheckpoints(run_dir, async_save=False)
+    which = "latest"
+    if step == "latest":
+        step_n = ckpt.latest_step()
+        if step_n is None:
+            raise CheckpointError(f"{run_dir} has no complete checkpoint yet")
+    elif isinstance(step, str) and step.startswith("epoch_"):
+        which, want = "epochs", int(step.split("_")[1])
+        step_n = want * cfg.epoch_size // cfg.batch_size
+    else:
+        step_n = int(step)
+        if step_n not in ckpt.all_steps("latest") and step_n in ckpt.all_steps("epochs"):
+            which = "epochs"
+    mesh = make_mesh(-1, 1)
+    with jax.set_mesh(mesh):
+        abstract = nnx.eval_shape(lambda: GLP(glp_cfg, rngs=nnx.Rngs(0)))
+        graphdef, abs_params = nnx.split(abstract)
+        tx, _ = make_optimizer(cfg, cfg.total_steps)
+        abs_opt = jax.eval_shape(tx.init, abs_params)
+        target = abstract_with_shardings(
+            {"params": abs_params, "opt_state": abs_opt},
+            {"params": tree_shardings(abs_params, mesh), "opt_state": tree_shardings(abs_opt, mesh)})
+        state, _, _ = ckpt.restore(step_n, target, which=which)
+    ckpt.close()
+    model = nnx.merge(graphdef, state["params"])
+    return LoadedGLP(model, normalizer, glp_cfg, list(resolved.get("layers", [])), str(run_dir), step_n)

@@ -1,0 +1,586 @@
+"""Input pipeline: ActivationStore rows -> shuffled, normalised, per-process batches.
+
+Modes (`PipelineConfig.mode`):
+  single  every row exactly once, in one global seeded shuffle; ends after
+          floor(rows / batch_size) global batches (the remainder is dropped).
+  repeat  endless; epoch e is a fresh global permutation (seed + e, as grain reseeds);
+          every epoch drops its own remainder, so no batch straddles two epochs.
+  follow  trains on a store that an extraction is still appending to (`FollowIterator`).
+
+The single/repeat path is a grain `MapDataset` whose element j is local batch j:
+
+    MapDataset.range(batches_per_epoch) [.repeat()] .map_with_index(_ReadBatch)
+        .to_iter_dataset(ReadOptions(num_threads, prefetch)) [.mp_prefetch(workers)]
+
+`_ReadBatch` computes the example ids of batch j (indices are batched before any data is
+touched) and reads them with one tensorstore call per (store, layer), then z-scores them.
+
+Shuffle: exactly grain's `MapDataset.range(E).shuffle(seed)` permutation, global over all
+E examples, O(1) memory, reseeded seed+epoch each epoch (tests pin the equality). It is
+evaluated for a whole batch at once in numpy (`index_shuffle`): grain evaluates it one
+Python call per element, ~30 ms per 4096 indices here, as long as the read itself.
+
+Examples: with layers [l_0, ..., l_{n-1}] over stores holding T rows in all, example e is
+(row e % T, layer position e // T): a shuffle of the (row, layer) product space. Rows of
+several stores are concatenated in the order given (`Pipeline.offsets`).
+
+Batches are dicts of numpy arrays:
+  "x"         float32 [B_local, d], z-scored per dimension with the float64 moments of the
+              layer that row came from: (x - mean) / sqrt(max(var, min_var)), population var.
+  "index"     int64 [B_local], the row in the concatenated stores (the store's row id when
+              there is one store).
+  "layer"     int32 [B_local], multi-layer only: position in `cfg.layers`; it indexes
+              `Pipeline.mean` / `Pipeline.std` ([n_layers, d]).
+  "llm_layer" int32 [B_local], multi-layer only: the LLM layer number `cfg.layers[layer]`
+              (what the original code feeds its layer embedding as `layer_idx`).
+
+Multi-host: process i of n gets rows [i*B/n, (i+1)*B/n) of every global batch of B rows,
+so concatenating the processes' batches in process order gives the global batch.
+
+Checkpointing: `Pipeline.make_iterator()` returns a grain `DatasetIterator`
+(`get_state()` / `set_state()`; `FollowIterator` is one too). The trainer saves it with
+orbax beside the model, from a pipeline rebuilt identically (config, process layout and
+worker count) on restore:
+
+    it = pipeline.make_iterator()
+    mngr.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(it)))
+    mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(it)))
+
+Worker processes (`num_workers > 0`, grain `mp_prefetch`) use the spawn start method:
+guard the script's `__main__`; the transforms pickle URLs and small arrays only and open
+the stores lazily inside each worker (memory:// stores cannot cross processes).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import grain
+import numpy as np
+
+from glp_jax.data.stats import Moments
+from glp_jax.data.store import ActivationStore
+from glp_jax.errors import ConfigError, StoreError, StoreMismatchError
+
+MODES = ("single", "repeat", "follow")
+_STATS_CHUNK_ROWS = 65536
+
+
+# ----------------------------------------------------------------------------- shuffle
+_M32 = 0xFFFFFFFF
+
+
+def _seed_seq_words(seed: int, n: int) -> list[int]:
+    """`std::seed_seq{seed}.generate(n words)`, as specified by the C++ standard."""
+    v = [seed & _M32]
+    s = len(v)
+    b = [0x8B8B8B8B] * n
+    t = 11 if n >= 623 else 7 if n >= 68 else 5 if n >= 39 else 3 if n >= 7 else (n - 1) // 2
+    p = (n - t) // 2
+    q = p + t
+    m = max(s + 1, n)
+
+    def mix(x: int) -> int:
+        return x ^ (x >> 27)
+
+    for k in range(m):
+        r1 = (1664525 * mix(b[k % n] ^ b[(k + p) % n] ^ b[(k - 1) % n])) & _M32
+        r2 = (r1 + (s if k == 0 else (k % n + v[k - 1]) if k <= s else k % n)) & _M32
+        b[(k + p) % n] = (b[(k + p) % n] + r1) & _M32
+        b[(k + q) % n] = (b[(k + q) % n] + r2) & _M32
+        b[k % n] = r2
+    for k in range(m, m + n):
+        r3 = (1566083941 * mix((b[k % n] + b[(k + p) % n] + b[(k - 1) % n]) & _M32)) & _M32
+        r4 = (r3 - k % n) & _M32
+        b[(k + p) % n] ^= r3
+        b[(k + q) % n] ^= r4
+        b[k % n] = r4
+    return b
+
+
+def index_shuffle(idx: np.ndarray, max_index: int, seed: int, rounds: int = 4) -> np.ndarray:
+    """Vectorised grain `index_shuffle`: the image of `idx` under the pseudorandom
+    permutation of [0, max_index] that grain's `MapDataset.shuffle` uses (a Simon-cipher
+    Feistel network with cycle walking; bit-identical to grain's C++ version)."""
+    idx = np.asarray(idx, np.int64)
+    if max_index == 0:
+        return np.zeros_like(idx)
+    block = int(math.ceil(math.log2(max_index)))
+    block = max(block + block % 2, 16)
+    w = np.uint64(block // 2)
+    mask = np.uint64((1 << (block // 2)) - 1)
+    keys = [np.uint64(k) & mask for k in _seed_seq_words(int(seed), rounds)]
+
+    def rotl(x, r):
+        r = np.uint64(r)
+        return ((x << r) | (x >> (w - r))) & mask
+
+    def f(x):
+        return (rotl(x, 1) & rotl(x, 8)) ^ rotl(x, 2)
+
+    out = np.empty(idx.shape, np.uint64)
+    todo = np.arange(idx.size)
+    cur = idx.reshape(-1).astype(np.uint64)
+    limit = np.uint64(max_index)
+    while todo.size:  # cycle walking: re-encrypt values that land past max_index
+        left, right = (cur >> w) & mask, cur & mask
+        for i in range(0, rounds, 2):
+            left = left ^ f(right) ^ keys[i]
+            right = right ^ f(left) ^ keys[i + 1]
+        cur = (left << w) | right
+        ok = cur <= limit
+        out.reshape(-1)[todo[ok]] = cur[ok]
+        todo, cur = todo[~ok], cur[~ok]
+    return out.astype(np.int64)
+
+
+# ----------------------------------------------------------------------------- normalising
+def z_normalize(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """(x - mean) / std per dimension, in float32."""
+    out = np.subtract(np.asarray(x, np.float32), np.asarray(mean, np.float32))
+    out /= np.asarray(std, np.float32)
+    return out
+
+
+def std_from_var(var: np.ndarray, min_var: float) -> np.ndarray:
+    """Standard deviation with the variance clamped below at `min_var` (constant dims)."""
+    return np.sqrt(np.maximum(np.asarray(var, np.float64), min_var))
+
+
+# ----------------------------------------------------------------------------- config
+@dataclass
+class PipelineConfig:
+    """How to turn one or several stores into training batches (see the module doc)."""
+
+    store: str | list[str] = ""  # url or list of urls; rows are concatenated in order
+    layers: list[int] | None = None  # None: the store's only layer; >1 layer: mixing
+    batch_size: int = 4096  # global batch, summed over processes
+    seed: int = 0
+    mode: str = "repeat"  # single | repeat | follow
+    shuffle: bool = True  # False: rows in store order (eval passes, contiguous reads)
+    drop_remainder: bool = True  # False: a last short batch (single process only)
+    num_threads: int = 2  # grain ReadOptions.num_threads (reads release the GIL)
+    prefetch: int = 2  # batches buffered ahead per process
+    num_workers: int = 0  # grain mp_prefetch worker processes; 0 = threads only
+    min_var: float = 1e-6  # variance floor of the normaliser
+    follow_block_batches: int = 16  # follow: rows are shuffled in blocks of this many batches
+    follow_timeout_s: float = 600.0  # follow: give up after this long without a new commit
+    follow_poll_s: float = 0.5  # follow: how often to re-read the store's commit
+
+    @property
+    def urls(self) -> list[str]:
+        return [self.store] if isinstance(self.store, str) else [str(u) for u in self.store]
+
+    def validate(self) -> None:
+        if not self.urls or any(not u for u in self.urls):
+            raise ConfigError("no store given: set store=<path or url> (or a list of them)")
+        if self.mode not in MODES:
+            raise ConfigError(f"mode {self.mode!r} unknown; use one of {', '.join(MODES)}")
+        if self.batch_size <= 0:
+            raise ConfigError(f"batch_size must be positive, got {self.batch_size}")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed must be in [0, 2**32), got {self.seed}")
+        for name in ("num_threads", "prefetch", "num_workers"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.min_var > 0:
+            raise ConfigError(f"min_var must be positive, got {self.min_var}")
+        if self.layers is not None and (not self.layers or len(set(self.layers)) != len(self.layers)):
+            raise ConfigError(f"layers must be a non-empty list of distinct ints, got {self.layers}")
+        if self.mode == "follow":
+            if len(self.urls) != 1:
+                raise ConfigError(f"follow mode reads one store, got {len(self.urls)}: {self.urls}")
+            if self.follow_block_batches <= 0 or self.follow_timeout_s <= 0 or self.follow_poll_s <= 0:
+                raise ConfigError("follow_block_batches, follow_timeout_s and follow_poll_s must be "
+                                  "positive")
+
+
+# ----------------------------------------------------------------------------- reading
+class _Reader:
+    """Reads (row, layer position) pairs and z-scores them. Picklable: holds URLs and small
+    arrays; opens the stores lazily, once per process (thread-safe)."""
+
+    def __init__(self, urls: Sequence[str], layers: Sequence[int], offsets: np.ndarray,
+                 mean: np.ndarray, std: np.ndarray, stores: list[ActivationStore] | None = None):
+        self.urls = list(urls)
+        self.layers = np.asarray(layers, np.int32)
+        self.offsets = np.asarray(offsets, np.int64)
+        self.mean32 = np.asarray(mean, np.float32)  # [n_layers, d]
+        self.std32 = np.asarray(std, np.float32)
+        self._stores = stores
+        self._lock = threading.Lock()
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_stores"] = None  # never pickle a tensorstore handle
+        state["_lock"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def stores(self) -> list[ActivationStore]:
+        if self._stores is None:
+            with self._lock:
+                if self._stores is None:
+                    self._stores = [ActivationStore.open(u) for u in self.urls]
+        return self._stores
+
+    def read(self, rows: np.ndarray, lpos: np.ndarray | None) -> dict[str, np.ndarray]:
+        """`rows`: int64 rows of the concatenated stores; `lpos`: layer positions or None."""
+        stores = self.stores()
+        multi = len(self.layers) > 1
+        if len(stores) == 1 and not multi:
+            x = stores[0].read_rows(rows, int(self.layers[0]))
+            np.subtract(x, self.mean32[0], out=x)
+            np.divide(x, self.std32[0], out=x)
+        else:
+            lp = np.zeros(rows.shape, np.int64) if lpos is None else lpos
+            sid = (np.searchsorted(self.offsets, rows, side="right") - 1 if len(stores) > 1
+                   else np.zeros(rows.shape, np.int64))  # follow mode: rows past offsets[-1]
+            x = np.empty((rows.size, self.mean32.shape[1]), np.float32)
+            group = sid * len(self.layers) + lp
+            for g in np.unique(group):
+                s, p = divmod(int(g), len(self.layers))
+                sel = np.flatnonzero(group == g)
+                part = stores[s].read_rows(rows[sel] - self.offsets[s], int(self.layers[p]))
+                x[sel] = z_normalize(part, self.mean32[p], self.std32[p])
+        out = {"x": x, "index": np.asarray(rows, np.int64)}
+        if multi:
+            out["layer"] = lp.astype(np.int32)
+            out["llm_layer"] = self.layers[lp]
+        return out
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Which examples local batch j holds (single/repeat), as grain would batch them:
+    `range(E).shuffle(seed).batch(L)[:batches * n][process_index::n].repeat()`."""
+
+    examples: int  # E = n_layers * rows
+    rows: int  # T
+    global_batch: int
+    local_batch: int
+    process_index: int
+    batches: int  # per epoch
+    seed: int
+    shuffle: bool
+
+    def examples_of(self, j: int) -> np.ndarray:
+        epoch, b = divmod(int(j), self.batches)
+        start = b * self.global_batch + self.process_index * self.local_batch
+        pos = np.arange(start, min(start + self.local_batch, self.examples), dtype=np.int64)
+        if self.shuffle:
+            pos = index_shuffle(pos, self.examples - 1, (self.seed + epoch) % 2**32)
+        return pos
+
+
+class _ReadBatch(grain.transforms.MapWithIndex):
+    """grain transform: local batch number -> batch dict (one read per store and layer)."""
+
+    def __init__(self, plan: _Plan, reader: _Reader):
+        self.plan = plan
+        self.reader = reader
+
+    def map_with_index(self, index: int, element):
+        del element  # the batch number is the index (epochs included under repeat)
+        ex = self.plan.examples_of(index)
+        lpos = ex // self.plan.rows if len(self.reader.layers) > 1 else None
+        return self.reader.read(ex % self.plan.rows, lpos)
+
+
+def _mark_absl_flags_parsed() -> None:
+    """grain workers read an absl flag; outside absl.app.run it is unparsed (JAX_NOTES)."""
+    try:
+        from absl import flags
+    except ImportError:  # pragma: no cover - absl ships with grain
+        return
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def _worker_init(worker_index: int, worker_count: int) -> None:
+    del worker_index, worker_count
+    _mark_absl_flags_parsed()
+
+
+# ----------------------------------------------------------------------------- pipeline
+def _moments_of_rows(store: ActivationStore, layer: int, stop: int) -> Moments:
+    """Float64 moments of rows [0, stop) of one layer, read in chunks."""
+    mo = Moments.zeros((store.d,))
+    for a in range(0, stop, _STATS_CHUNK_ROWS):
+        mo = mo.merge(Moments.of(store.read_range(a, min(a + _STATS_CHUNK_ROWS, stop), layer)))
+    return mo
+
+
+@dataclass
+class Pipeline:
+    """A built pipeline: sizes, the normaliser, the grain dataset and its iterators."""
+
+    cfg: PipelineConfig
+    process_index: int
+    process_count: int
+    stores: list[ActivationStore]
+    layers: list[int]
+    d: int
+    offsets: np.ndarray  # int64 [n_stores + 1]; rows of store s are offsets[s]:offsets[s+1]
+    batches_per_epoch: int | None  # None in follow mode
+    dataset: grain.MapDataset | None  # local batches (single/repeat); None in follow mode
+    _mean: np.ndarray | None = None
+    _std: np.ndarray | None = None
+    _stats_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.cfg.batch_size
+
+    @property
+    def local_batch_size(self) -> int:
+        return self.cfg.batch_size // self.process_count
+
+    @property
+    def rows(self) -> int:
+        """Rows the pipeline draws from (follow mode: rows committed right now)."""
+        if self.cfg.mode == "follow":
+            return len(self.stores[0])
+        return int(self.offsets[-1])
+
+    @property
+    def mean(self) -> np.ndarray:
+        """float64 [n_layers, d]. Follow mode: waits for the first block (see FollowIterator)."""
+        self._ensure_stats()
+        return self._mean
+
+    @property
+    def std(self) -> np.ndarray:
+        """float64 [n_layers, d], sqrt(max(var, min_var)) with the population variance."""
+        self._ensure_stats()
+        return self._std
+
+    def _ensure_stats(self) -> None:
+        if self._mean is not None:
+            return
+        with self._stats_lock:
+            if self._mean is None:  # follow mode: moments of the first block's rows
+                store = self.stores[0]
+                stop = _wait_for_block(store, self.follow_block_rows, self.cfg, "statistics")
+                mos = [_moments_of_rows(store, k, stop) for k in self.layers]
+                self._std = np.stack([std_from_var(m.var, self.cfg.min_var) for m in mos])
+                self._mean = np.stack([m.mean for m in mos])
+
+    @property
+    def follow_block_rows(self) -> int:
+        """Rows per follow-mode shuffle block: whole global batches of (row, layer) pairs."""
+        return self.cfg.follow_block_batches * self.cfg.batch_size
+
+    def reader(self, share_stores: bool = False) -> _Reader:
+        return _Reader(self.cfg.urls, self.layers, self.offsets, self.mean, self.std,
+                       self.stores if share_stores else None)
+
+    def make_iterator(self) -> grain.DatasetIterator:
+        """A checkpointable iterator of batch dicts (see the module doc). Close it when done."""
+        if self.cfg.mode == "follow":
+            return FollowIterator(self)
+        ds = self.dataset.to_iter_dataset(grain.ReadOptions(
+            num_threads=self.cfg.num_threads, prefetch_buffer_size=self.cfg.prefetch))
+        if self.cfg.num_workers > 0:
+            _mark_absl_flags_parsed()
+            ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+                num_workers=self.cfg.num_workers, per_worker_buffer_size=max(1, self.cfg.prefetch)),
+                worker_init_fn=_worker_init)
+        return iter(ds)
+
+    def __iter__(self):
+        return self.make_iterator()
+
+
+def _check_stores(stores: list[ActivationStore], layers: list[int], mode: str) -> None:
+    ref = stores[0]
+    for s in stores[1:]:
+        diffs = [f"{k}: {ref.url} has {getattr(ref.meta, k)!r}, {s.url} has {getattr(s.meta, k)!r}"
+                 for k in ("model", "d", "hook") if getattr(ref.meta, k) != getattr(s.meta, k)]
+        if diffs:
+            raise StoreMismatchError("stores cannot be mixed in one pipeline:\n  " + "\n  ".join(diffs)
+                                     + "\nTrain on stores extracted from the same model and hook.")
+    for s in stores:
+        missing = [k for k in layers if k not in s.meta.layers]
+        if missing:
+            raise StoreError(f"store {s.url} has no layer(s) {missing} (it holds {s.meta.layers}); "
+                             f"set layers= to a subset of those")
+        if mode == "follow":
+            continue
+        if len(s) == 0:
+            raise StoreError(f"store {s.url} has no committed rows; extract into it first, or use "
+                             f"mode=follow to train while an extraction appends")
+        for k in layers:
+            mo = s.moments(k)
+            if mo.count != len(s) or not np.isfinite(mo.var).all():
+                raise StoreError(f"store {s.url} layer {k}: statistics cover {mo.count} of "
+                                 f"{len(s)} rows (or are not finite); the store's commit is "
+                                 f"inconsistent. Re-import or re-extract it.")
+
+
+def build_pipeline(cfg: PipelineConfig, process_index: int | None = None,
+                   process_count: int | None = None) -> Pipeline:
+    """Open and check the stores, compute the normaliser and the per-process batch plan.
+
+    `process_index`/`process_count` default to jax.process_index()/process_count()."""
+    cfg.validate()
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if process_count <= 0 or not 0 <= process_index < process_count:
+        raise ConfigError(f"process_index {process_index} not in [0, process_count={process_count})")
+    if cfg.batch_size % process_count:
+        raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by the {process_count} "
+                          f"processes; use a multiple of {process_count}")
+    if not cfg.drop_remainder and (process_count > 1 or cfg.mode == "follow"):
+        raise ConfigError("drop_remainder=False needs a single process and mode single/repeat: "
+                          "every process must get a batch of the same shape")
+    stores = [ActivationStore.open(u) for u in cfg.urls]
+    if cfg.layers is None:
+        if len(stores[0].meta.layers) != 1:
+            raise ConfigError(f"store {stores[0].url} holds layers {stores[0].meta.layers}; name "
+                              f"the ones to train on with layers=[...] (several = mixing)")
+        layers = list(stores[0].meta.layers)
+    else:
+        layers = [int(k) for k in cfg.layers]
+    _check_stores(stores, layers, cfg.mode)
+    d = stores[0].d
+    offsets = np.concatenate([[0], np.cumsum([len(s) for s in stores])]).astype(np.int64)
+    if cfg.mode == "follow":
+        return Pipeline(cfg, process_index, process_count, stores, layers, d, offsets, None, None)
+
+    rows = int(offsets[-1])
+    examples = rows * len(layers)
+    if cfg.batch_size > examples:
+        raise ConfigError(f"batch_size {cfg.batch_size} is larger than the {examples} examples "
+                          f"({rows} rows x {len(layers)} layers) of {', '.join(cfg.urls)}; lower "
+                          f"batch_size or extract more rows")
+    batches = (examples // cfg.batch_size if cfg.drop_remainder
+               else -(-examples // cfg.batch_size))
+    mean, std = [], []
+    for k in layers:  # float64 moments pooled over the stores (Chan merge, exact)
+        mo = Moments.zeros((d,))
+        for s in stores:
+            mo = mo.merge(s.moments(k))
+        mean.append(mo.mean)
+        std.append(std_from_var(mo.var, cfg.min_var))
+    plan = _Plan(examples, rows, cfg.batch_size, cfg.batch_size // process_count, process_index,
+                 batches, cfg.seed, cfg.shuffle)
+    pipe = Pipeline(cfg, process_index, process_count, stores, layers, d, offsets, batches, None,
+                    np.stack(mean), np.stack(std))
+    ds = grain.MapDataset.range(batches)
+    if cfg.mode == "repeat":
+        ds = ds.repeat()
+    pipe.dataset = ds.map_with_index(_ReadBatch(plan, pipe.reader(share_stores=True)))
+    return pipe
+
+
+def make_iterator(cfg: PipelineConfig, process_index: int | None = None,
+                  process_count: int | None = None) -> grain.DatasetIterator:
+    """`build_pipeline(cfg, ...).make_iterator()`."""
+    return build_pipeline(cfg, process_index, process_count).make_iterator()
+
+
+# ----------------------------------------------------------------------------- follow mode
+def _wait_for_block(store: ActivationStore, need: int, cfg: PipelineConfig, what: str) -> int:
+    """Wait until `need` rows are committed; returns min(need, rows). Returns fewer only
+    once the extraction has marked the store exhausted; raises after `follow_timeout_s`
+    without any new commit."""
+    last_seq, last_change = store.commit_seq, time.monotonic()
+    while True:
+        rows = store.refresh()
+        if rows >= need or store.cursor.get("exhausted"):
+            return min(need, rows)
+        if store.commit_seq != last_seq:
+            last_seq, last_change = store.commit_seq, time.monotonic()
+        elif time.monotonic() - last_change > cfg.follow_timeout_s:
+            raise StoreError(
+                f"follow mode: waited {cfg.follow_timeout_s:g}s for store {store.url} to reach "
+                f"{need} committed rows ({what}); it holds {rows} and nothing new was committed. "
+                f"Is the extraction still running? Raise follow_timeout_s, or train on the rows "
+                f"already there with mode=single or mode=repeat.")
+        time.sleep(cfg.follow_poll_s)
+
+
+class FollowIterator(grain.DatasetIterator):
+    """Batches from a store that is still being appended to; each committed row once.
+
+    Rows are consumed in blocks of R = follow_block_batches * batch_size rows: block k is
+    rows [k*R, (k+1)*R), used once all of it is committed, its (row, layer) pairs shuffled
+    with grain's permutation (seed + k) and split into global batches like the grain path
+    (so processes agree without talking). When the extraction marks the store exhausted,
+    the last partial block is used in whole global batches and iteration stops. Rows past
+    the committed count are never read. The normaliser is the float64 moments of block 0
+    (like the original, which froze the first shard's statistics), identical on every
+    process and after a restore. State: {"block", "batch"} plus a fingerprint of the
+    settings; a grain.checkpoint.CheckpointSave/Restore saves it like any grain iterator.
+    """
+
+    def __init__(self, pipeline: Pipeline):
+        super().__init__()
+        self._p = pipeline
+        self._store = pipeline.stores[0]
+        self._block = 0
+        self._batch = 0
+        self._block_size: int | None = None  # rows in the current block once known
+        self._reader: _Reader | None = None
+        self._done = False
+
+    def _fingerprint(self) -> dict:
+        p = self._p
+        return {"seed": p.cfg.seed, "global_batch_size": p.global_batch_size,
+                "process_index": p.process_index, "process_count": p.process_count,
+                "block_rows": p.follow_block_rows, "layers": list(p.layers), "url": p.cfg.urls[0]}
+
+    def get_state(self) -> dict:
+        return {"block": self._block, "batch": self._batch, **self._fingerprint()}
+
+    def set_state(self, state: dict) -> None:
+        mine = self._fingerprint()
+        diffs = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
+        if diffs:
+            raise ConfigError(f"follow iterator state was saved with other settings "
+                              f"(saved, now): {diffs}; rebuild the pipeline with the saved ones")
+        self._block, self._batch = int(state["block"]), int(state["batch"])
+        self._block_size, self._done = None, False
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._closed:
+            raise ValueError("iterator is closed")
+        if self._done:
+            raise StopIteration
+        p, nl = self._p, len(self._p.layers)
+        if self._reader is None:
+            self._reader = p.reader(share_stores=True)  # waits for block 0 (statistics)
+        big_r = p.follow_block_rows
+        lo = self._block * big_r
+        if self._block_size is None:
+            got = _wait_for_block(self._store, lo + big_r, p.cfg, f"block {self._block}")
+            self._block_size = max(0, got - lo)
+        size = self._block_size
+        batches = size * nl // p.global_batch_size  # < follow_block_batches * nl only at the end
+        if self._batch >= batches:
+            self._done = True
+            raise StopIteration
+        start = self._batch * p.global_batch_size + p.process_index * p.local_batch_size
+        pos = np.arange(start, start + p.local_batch_size, dtype=np.int64)
+        ex = index_shuffle(pos, size * nl - 1, (p.cfg.seed + self._block) % 2**32)
+        out = self._reader.read(lo + ex % size, ex // size if nl > 1 else None)
+        self._batch += 1
+        if self._batch == batches and size == big_r:
+            self._block, self._batch, self._block_size = self._block + 1, 0, None
+        return out
+
+    def close(self) -> None:
+        self._closed = True

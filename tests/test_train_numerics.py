@@ -1,0 +1,134 @@
+"""One training step against numpy float64 (loss, gradient norm, AdamW update); a tiny model
+overfits; errors for bad configs and mismatched stores."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from test_model import np_forward, params_f64
+
+from glp_jax import flow
+from glp_jax.config import make_config
+from glp_jax.data.store import ActivationStore, StoreMeta
+from glp_jax.errors import ConfigError, StoreError
+from glp_jax.model import GLP, GLPConfig
+from glp_jax.train import TrainingDivergedError, lr_factor, make_optimizer, make_train_step, train
+
+
+def _np_loss(P, x, eps, sigma):
+    z = (1 - sigma[:, None]) * x + sigma[:, None] * eps
+    v, _ = np_forward(P, z, sigma)
+    return np.mean((v - (eps - x)) ** 2)
+
+
+def test_one_step_matches_numpy_float64():
+    gcfg = GLPConfig(d_input=4, n_layers=2)
+    model = GLP(gcfg, rngs=nnx.Rngs(3))
+    graphdef, params = nnx.split(model)
+    cfg = make_config(dict(train_dataset="x", batch_size=8, num_steps=100, use_bf16=False,
+                           learning_rate=1e-3, gradient_clipping_threshold=0.05))
+    tx, schedule = make_optimizer(cfg, 100)
+    opt_state = tx.init(params)
+    x = np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)
+    base_key = jax.random.key(7)
+    step_fn = jax.jit(make_train_step(graphdef, tx, accum=1, compute_dtype=jnp.float32,
+                                      discrete=True))
+    new_params, _, loss, gnorm = step_fn(params, opt_state, jnp.asarray(x), None, jnp.int32(0),
+                                         base_key)
+    # The same sigma and noise the step draws (inputs, not results).
+    k_sigma, k_eps = jax.random.split(jax.random.fold_in(base_key, 0))
+    sigma = np.asarray(flow.sample_train_sigma(k_sigma, 8, discrete=True), np.float64)
+    eps = np.asarray(jax.random.normal(k_eps, (8, 4)), np.float64)
+    P = params_f64(model)
+    x64 = x.astype(np.float64)
+    ref_loss = _np_loss(P, x64, eps, sigma)
+    # Central differences in float64: error ~h^2 ~ 1e-12, far below the fp32 tolerance.
+    grads, h = {}, 1e-6
+    for k, v in P.items():
+        g = np.zeros_like(v)
+        for i in np.ndindex(v.shape):
+            hi, lo = dict(P), dict(P)
+            hi[k] = v.copy(); hi[k][i] += h
+            lo[k] = v.copy(); lo[k][i] -= h
+            g[i] = (_np_loss(hi, x64, eps, sigma) - _np_loss(lo, x64, eps, sigma)) / (2 * h)
+        grads[k] = g
+    ref_gnorm = np.sqrt(sum((g ** 2).sum() for g in grads.values()))
+    np.testing.assert_allclose(float(loss), ref_loss, rtol=2e-6)
+    np.testing.assert_allclose(float(gnorm), ref_gnorm, rtol=1e-4)
+    # AdamW's first update on clipped gradients: m_hat = g, v_hat = g^2.
+    lr = 1e-3 * float(lr_factor(0, 100))
+    clip = min(1.0, 0.05 / ref_gnorm)
+    nmodel = nnx.merge(graphdef, new_params)
+    Pn = params_f64(nmodel)
+    for k, v in P.items():
+        g = grads[k] * clip
+        want = v - lr * (g / (np.abs(g) + 1e-8) + 0.01 * v)
+        np.testing.assert_allclose(Pn[k], want, rtol=0, atol=lr * 2e-3 + 1e-7)
+    assert float(schedule(0)) == pytest.approx(1e-5)
+
+
+def test_lr_schedule_matches_the_original_formula():
+    T, W = 1000, 10
+    for s in (0, 5, 10, 500, 999, 1000, 1200):
+        if s < W:
+            want = 0.01 + 0.99 * s / W
+        elif s >= T:
+            want = 0.1
+        else:
+            want = 0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * (s - W) / (T - W)))
+        assert float(lr_factor(s, T)) == pytest.approx(want, rel=1e-6)
+
+
+def _store(path, n=4096, d=8, seed=0, model="m", layers=(0,), clusters=4):
+    s = ActivationStore.create(path, StoreMeta(model=model, layers=list(layers), d=d, shard_rows=1024))
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((clusters, d)) * 3
+    x = centers[rng.integers(0, clusters, n)] + 0.05 * rng.standard_normal((n, d))
+    s.append({k: x.astype(np.float32) for k in layers}, np.zeros(n), np.zeros(n))
+    return s
+
+
+def test_tiny_model_overfits_tiny_dataset(tmp_path):
+    _store(tmp_path / "s", clusters=2)
+    cfg = make_config(dict(train_dataset=str(tmp_path / "s"), n_layers=2, d_model=64, d_mlp=128,
+                           batch_size=256, num_steps=300, learning_rate=3e-3, data_mode="repeat",
+                           log_every_n_steps=10, save_every_n_steps=1000, use_bf16=False,
+                           output_path=str(tmp_path / "run"), progress=False))
+    train(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    first, last = rows[0]["loss"], rows[-1]["loss"]
+    # 2 tight clusters: the learned velocity field nearly removes the data term of the loss.
+    assert first > 1.0 and last < first / 3, (first, last)
+    assert rows[-1]["step"] == 300 and rows[-1]["activations_seen"] == 300 * 256
+
+
+def test_divergence_stops_with_a_clear_message(tmp_path):
+    _store(tmp_path / "s")
+    cfg = make_config(dict(train_dataset=str(tmp_path / "s"), n_layers=1, batch_size=64,
+                           num_steps=40, learning_rate=1e30, gradient_clipping_threshold=0,
+                           warmup_ratio=0.0, data_mode="repeat", log_every_n_steps=5,
+                           save_every_n_steps=5, output_path=str(tmp_path / "run"), progress=False))
+    with pytest.raises(TrainingDivergedError, match="last good checkpoint"):
+        train(cfg)
+
+
+def test_bad_configs_and_mismatched_stores(tmp_path):
+    _store(tmp_path / "s")
+    with pytest.raises(ConfigError, match="did you mean 'learning_rate'"):
+        make_config({"learning_rat": 1})
+    with pytest.raises(ConfigError, match="divisible"):
+        make_config({"batch_size": 10, "gradient_accumulation_steps": 3})
+    base = dict(train_dataset=str(tmp_path / "s"), num_steps=2, batch_size=64,
+                output_path=str(tmp_path / "r"), progress=False)
+    with pytest.raises(ConfigError, match="d_input=16 but the store holds d=8"):
+        train(make_config({**base, "d_input": 16}))
+    with pytest.raises(StoreError, match="not an activation store|does not exist"):
+        train(make_config({**base, "train_dataset": str(tmp_path / "nowhere")}))
+    _store(tmp_path / "v", d=8, model="other")
+    with pytest.raises(ConfigError, match="does not match train_dataset"):
+        train(make_config({**base, "val_dataset": str(tmp_path / "v")}))
+    with pytest.raises(ConfigError, match="set num_steps or num_activations"):
+        train(make_config({**base, "num_steps": None}))
