@@ -146,6 +146,41 @@ def cmd_model_info(args) -> int:
     return 0
 
 
+def cmd_config_check(args) -> int:
+    import dataclasses
+
+    from glp_jax.config import load_config
+    from glp_jax.model import GLPConfig, param_count
+    from glp_jax.train import compile_step
+
+    cfg = load_config(args.overrides)
+    if cfg.d_input is None:
+        from glp_jax.data.store import ActivationStore
+
+        cfg = dataclasses.replace(cfg, d_input=ActivationStore.open(cfg.train_dataset).d)
+    glp_cfg = GLPConfig(d_input=cfg.d_input, d_model=cfg.d_model, d_mlp=cfg.d_mlp,
+                        n_layers=cfg.n_layers, multi_layer_n_layers=cfg.multi_layer_n_layers).resolved()
+    n = param_count(glp_cfg)
+    acts = cfg.total_steps * cfg.batch_size
+    print(f"ok: {glp_cfg}")
+    print(f"params: {n}  steps: {cfg.total_steps}  activations: {acts:,}  "
+          f"C=6ND: {6.0 * n * acts:.3e}  epoch checkpoints: {cfg.epoch_checkpoints()}")
+    if args.compile:
+        small = glp_cfg
+        small_cfg = cfg
+        if not args.full:  # same depth and width ratios, widths / shrink, small batch
+            f = args.shrink
+            small = GLPConfig(d_input=max(8, glp_cfg.d_input // f), d_model=max(8, glp_cfg.width // f),
+                              d_mlp=max(8, glp_cfg.mlp_width // f), n_layers=glp_cfg.n_layers,
+                              multi_layer_n_layers=glp_cfg.multi_layer_n_layers).resolved()
+            small_cfg = dataclasses.replace(cfg, d_input=small.d_input, batch_size=64 *
+                                            cfg.gradient_accumulation_steps)
+        res = compile_step(small_cfg, small)
+        print(f"compiled one step of {small} at batch {small_cfg.batch_size} in "
+              f"{res['compile_s']:.1f} s: {res['flops']:.3e} FLOPs, temp {res['temp_bytes']} B")
+    return 0
+
+
 def cmd_export(args) -> int:
     from glp_jax.api import load
     from glp_jax.interop.original_ckpt import export_original
@@ -221,6 +256,15 @@ def build_parser() -> argparse.ArgumentParser:
     mi = msub.add_parser("info", help="params and FLOPs: key=value (d_input, n_layers, ...) or config=FILE")
     mi.add_argument("overrides", nargs="*")
     mi.set_defaults(fn=cmd_model_info)
+
+    cc = sub.add_parser("config", help="configuration checks")
+    ccsub = cc.add_subparsers(dest="config_cmd", required=True)
+    chk = ccsub.add_parser("check", help="validate a training config (config=FILE key=value)")
+    chk.add_argument("overrides", nargs="*")
+    chk.add_argument("--compile", action="store_true", help="AOT-compile one step (reduced size)")
+    chk.add_argument("--full", action="store_true", help="compile at full size (no allocation)")
+    chk.add_argument("--shrink", type=int, default=32, help="width divisor for --compile")
+    chk.set_defaults(fn=cmd_config_check)
 
     ex = sub.add_parser("export", help="export a run to the original release's layout")
     ex.add_argument("run")

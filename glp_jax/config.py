@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -164,6 +165,21 @@ def make_config(values: dict[str, Any], cls=TrainConfig):
         raise ConfigError(str(e)) from e
 
 
+ENV_DEFAULTS = {"GLP_DATA_ROOT": "data", "GLP_RUN_ROOT": "runs"}
+
+
+def expand_env(value: Any) -> Any:
+    """`${VAR}` in string values from the environment (GLP_DATA_ROOT, GLP_RUN_ROOT default
+    to data/ and runs/), so one YAML serves a laptop and a bucket."""
+    if isinstance(value, str) and "$" in value:
+        for k, v in ENV_DEFAULTS.items():
+            value = value.replace("${" + k + "}", os.environ.get(k, v))
+        value = os.path.expandvars(value)
+    elif isinstance(value, list):
+        value = [expand_env(v) for v in value]
+    return value
+
+
 def load_config(items: list[str], cls=TrainConfig):
     """`config=FILE.yaml` (optional, first) plus `key=value` overrides."""
     over = parse_overrides(items)
@@ -177,7 +193,7 @@ def load_config(items: list[str], cls=TrainConfig):
             raise ConfigError(f"{path} must hold a mapping of config keys")
         values.update(loaded)
     values.update(over)
-    return make_config(values, cls)
+    return make_config({k: expand_env(v) for k, v in values.items()}, cls)
 
 
 def save_config(cfg, path: str | Path) -> None:

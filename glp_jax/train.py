@@ -388,3 +388,35 @@ def steps_for_budget(cfg: TrainConfig, glp_cfg: GLPConfig, compute: float) -> in
     """Steps that spend `compute` FLOPs (C = 6 N D) at this batch size."""
     n = param_count(glp_cfg)
     return max(1, math.ceil(compute / (6 * n * cfg.batch_size)))
+
+
+def compile_step(cfg: TrainConfig, glp_cfg: GLPConfig, mesh=None) -> dict:
+    """AOT-compile one training step on abstract inputs (nothing is allocated) and return
+    its cost and memory analysis: checks a configuration without data or accelerator."""
+    mesh = mesh or make_mesh(cfg.mesh_data, cfg.mesh_fsdp)
+    with jax.set_mesh(mesh):
+        abstract = nnx.eval_shape(lambda: GLP(glp_cfg, rngs=nnx.Rngs(0)))
+        graphdef, abs_params = nnx.split(abstract)
+        tx, _ = make_optimizer(cfg, cfg.total_steps)
+        abs_opt = jax.eval_shape(tx.init, abs_params)
+        p_shard, o_shard = tree_shardings(abs_params, mesh), tree_shardings(abs_opt, mesh)
+        batch_sh = jax.NamedSharding(mesh, jax.P(("data", "fsdp")))
+        x = jax.ShapeDtypeStruct((cfg.batch_size, glp_cfg.d_input), jnp.float32, sharding=batch_sh)
+        layer = (jax.ShapeDtypeStruct((cfg.batch_size,), jnp.int32, sharding=batch_sh)
+                 if glp_cfg.is_multi_layer else None)
+        step_fn = jax.jit(make_train_step(graphdef, tx, accum=cfg.gradient_accumulation_steps,
+                                          compute_dtype=jnp.bfloat16 if cfg.use_bf16 else jnp.float32,
+                                          discrete=cfg.sigma_sampling == "discrete"),
+                          out_shardings=(p_shard, o_shard, replicated(mesh), replicated(mesh)),
+                          donate_argnums=(0, 1))
+        t0 = time.perf_counter()
+        compiled = step_fn.lower(abstract_with_shardings(abs_params, p_shard),
+                                 abstract_with_shardings(abs_opt, o_shard), x, layer,
+                                 jnp.int32(0), jax.random.key(0)).compile()
+        seconds = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return {"compile_s": seconds, "flops": float((cost or {}).get("flops", float("nan"))),
+            "temp_bytes": getattr(mem, "temp_size_in_bytes", None),
+            "argument_bytes": getattr(mem, "argument_size_in_bytes", None)}
