@@ -68,7 +68,7 @@ def main() -> None:
         rows = ex.window([(wi * args.window_docs + j, d) for j, d in enumerate(win)])
         store.append({layer: np.concatenate([a[layer] for a in rows.acts])},
                      np.concatenate(rows.token_ids),
-                     np.concatenate([np.full(len(t), i) for i, t in zip(rows.doc_index, rows.token_ids)]))
+                     np.concatenate([np.full(len(t), i) for i, t in zip(rows.doc_index, rows.token_ids, strict=True)]))
         secs["extract"] += time.perf_counter() - t
         t = time.perf_counter()
         with torch.inference_mode():

@@ -7,6 +7,7 @@ checkpoints load the same way.
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass
 from functools import partial
@@ -93,7 +94,9 @@ def _encode(model, x, key, ids, sigma):
 def load(run_dir: str | Path, step: int | str = "latest") -> LoadedGLP:
     """Load a run (ours or the original release's layout). step: int, 'latest', or
     'epoch_N' (our log-spaced epoch checkpoints; original: checkpoints/epoch_N)."""
-    run_dir = Path(run_dir)
+    from glp_jax.checkpoint import run_path
+
+    run_dir = run_path(run_dir)
     if (run_dir / "config.yaml").exists() and not (run_dir / "run.json").exists():
         from glp_jax.interop.original_ckpt import load_original
 
@@ -119,7 +122,7 @@ def _load_ours(run_dir: Path, step) -> LoadedGLP:
     glp_cfg = GLPConfig.from_dict(resolved["glp"]).resolved()
     train_keys = {k: v for k, v in resolved.items() if k not in ("glp", "run", "layers")}
     cfg = make_config(train_keys)
-    stats = np.load(run_dir / "normalizer.npz")
+    stats = np.load(io.BytesIO((run_dir / "normalizer.npz").read_bytes()))
     normalizer = Normalizer(mean=jnp.asarray(stats["mean"]), var=jnp.asarray(stats["var"]),
                             std=jnp.asarray(stats["std"]))
     ckpt = RunCheckpoints(run_dir, async_save=False)

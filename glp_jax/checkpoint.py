@@ -18,21 +18,28 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from glp_jax.errors import CheckpointError
 
 ITEMS = ("state", "data", "config")
 
 
-def _manager(path: Path, keep: int | None, async_save: bool) -> ocp.CheckpointManager:
+def run_path(path: str | Path) -> epath.Path:
+    """Local paths made absolute; gs:// and other URLs kept as they are (etils epath)."""
+    p = epath.Path(str(path))
+    return p if "://" in str(path) else epath.Path(Path(str(path)).absolute())
+
+
+def _manager(path: epath.Path, keep: int | None, async_save: bool) -> ocp.CheckpointManager:
     opts = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                         create=True)
-    return ocp.CheckpointManager(path.absolute(), item_names=ITEMS, options=opts)
+    return ocp.CheckpointManager(path, item_names=ITEMS, options=opts)
 
 
 class RunCheckpoints:
     def __init__(self, run_dir: str | Path, keep_last_n: int = 2, async_save: bool = True):
-        self.run_dir = Path(run_dir)
+        self.run_dir = run_path(run_dir)
         self.latest = _manager(self.run_dir / "checkpoints", keep_last_n, async_save)
         self.epochs = _manager(self.run_dir / "epochs", None, async_save)
 

@@ -9,12 +9,12 @@ optimizer state, data-iterator state) reproduces the uninterrupted loss trajecto
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -24,8 +24,8 @@ import optax
 from flax import nnx
 
 from glp_jax import flow
-from glp_jax.checkpoint import RunCheckpoints, abstract_with_shardings
-from glp_jax.config import TrainConfig, save_config
+from glp_jax.checkpoint import RunCheckpoints, abstract_with_shardings, run_path
+from glp_jax.config import TrainConfig
 from glp_jax.data.pipeline import Pipeline, PipelineConfig, build_pipeline
 from glp_jax.data.store import ActivationStore
 from glp_jax.errors import ConfigError, GLPError
@@ -178,17 +178,24 @@ class RunInfo:
 class MetricsLog:
     """metrics.jsonl; on resume, lines past the restored step are dropped (they are redone)."""
 
-    def __init__(self, path: Path, resume_step: int, primary: bool):
+    def __init__(self, path, resume_step: int, primary: bool):
         self.path, self.primary = path, primary
+        self.lines: list[str] = []
         if primary and path.exists():
-            keep = [ln for ln in path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-            path.write_text("".join(ln + "\n" for ln in keep))
+            self.lines = [ln for ln in path.read_text().splitlines()
+                          if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            path.write_text("".join(ln + "\n" for ln in self.lines))
 
     def write(self, row: dict) -> None:
-        if self.primary:
+        if not self.primary:
+            return
+        line = json.dumps(row)
+        self.lines.append(line)
+        if "://" in str(self.path):  # object stores cannot append: rewrite (the file is small)
+            self.path.write_text("".join(ln + "\n" for ln in self.lines))
+        else:
             with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+                f.write(line + "\n")
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -212,7 +219,7 @@ def train(cfg: TrainConfig, mesh=None, stop_after_steps: int | None = None) -> d
     multi = len(pipe.layers) > 1
     glp_cfg = glp_config_for(cfg, pipe.d, len(pipe.layers))
     normalizer = normalizer_from_pipeline(pipe)
-    run_dir = Path(cfg.output_path)
+    run_dir = run_path(cfg.output_path)
     primary = jax.process_index() == 0
     if primary:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -230,11 +237,12 @@ def train(cfg: TrainConfig, mesh=None, stop_after_steps: int | None = None) -> d
         resolved = {**cfg.to_dict(), "glp": glp_cfg.to_dict(), "layers": pipe.layers,
                     "run": dataclasses.asdict(info)}
         if primary:
-            save_config(cfg, run_dir / "config.json")
+            (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
             (run_dir / "run.json").write_text(json.dumps(resolved, indent=1))
-            np.savez(run_dir / "normalizer.npz", mean=np.asarray(normalizer.mean),
-                     var=np.asarray(normalizer.var), std=np.asarray(normalizer.std),
-                     layers=np.asarray(pipe.layers))
+            buf = io.BytesIO()
+            np.savez(buf, mean=np.asarray(normalizer.mean), var=np.asarray(normalizer.var),
+                     std=np.asarray(normalizer.std), layers=np.asarray(pipe.layers))
+            (run_dir / "normalizer.npz").write_bytes(buf.getvalue())
 
         ckpt = RunCheckpoints(run_dir, cfg.keep_last_n, cfg.async_checkpointing)
         it = pipe.make_iterator()

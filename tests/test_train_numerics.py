@@ -51,8 +51,9 @@ def test_one_step_matches_numpy_float64():
         g = np.zeros_like(v)
         for i in np.ndindex(v.shape):
             hi, lo = dict(P), dict(P)
-            hi[k] = v.copy(); hi[k][i] += h
-            lo[k] = v.copy(); lo[k][i] -= h
+            hi[k], lo[k] = v.copy(), v.copy()
+            hi[k][i] += h
+            lo[k][i] -= h
             g[i] = (_np_loss(hi, x64, eps, sigma) - _np_loss(lo, x64, eps, sigma)) / (2 * h)
         grads[k] = g
     ref_gnorm = np.sqrt(sum((g ** 2).sum() for g in grads.values()))

@@ -1,0 +1,99 @@
+"""Training throughput vs the machine's matmul peak, measured side by side in one process.
+
+    (a) peak: a plain jnp.dot of two 4096x4096 fp32 matrices (GFLOP/s);
+    (b) step: the jitted GLP train step (AdamW, clipping) on a device-resident batch;
+    (c) loop: the same step fed by the grain pipeline from a real store (if given), i.e.
+        what `glp train` achieves.
+FLOPs per activation count the exact matmuls of forward + backward (3x forward).
+
+    .venv/bin/python experiments/bench_train.py [--store runs/demo/acts_train] [--n-layers 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from glp_jax.config import make_config
+from glp_jax.data.pipeline import PipelineConfig, build_pipeline
+from glp_jax.model import GLP, GLPConfig, matmul_flops_per_example, param_count
+from glp_jax.train import make_optimizer, make_train_step
+
+
+def timed(fn, reps):
+    out = fn()
+    jax.block_until_ready(out)
+    t = time.perf_counter()
+    for _ in range(reps):
+        out = fn()
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t) / reps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--d", type=int, default=576)
+    ap.add_argument("--n-layers", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--store", default=None)
+    args = ap.parse_args()
+
+    n = 4096
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    dot = jax.jit(lambda a: a @ a)
+    peak = 2 * n**3 / timed(lambda: dot(a), 5)
+
+    gcfg = GLPConfig(d_input=args.d, n_layers=args.n_layers).resolved()
+    model = GLP(gcfg, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    cfg = make_config(dict(train_dataset="x", batch_size=args.batch, num_steps=1000))
+    tx, _ = make_optimizer(cfg, 1000)
+    opt = tx.init(params)
+    dtype = jnp.bfloat16 if args.bf16 else jnp.float32
+    step = jax.jit(make_train_step(graphdef, tx, accum=1, compute_dtype=dtype, discrete=True),
+                   donate_argnums=(0, 1))
+    x = jax.random.normal(jax.random.key(1), (args.batch, args.d), jnp.float32)
+    key = jax.random.key(2)
+    state = {"p": params, "o": opt}
+
+    def one():
+        state["p"], state["o"], loss, _ = step(state["p"], state["o"], x, None, jnp.int32(0), key)
+        return loss
+
+    t_step = timed(one, args.steps)
+    flops_act = 3 * matmul_flops_per_example(gcfg)
+    rate = args.batch / t_step
+    rows = [("jnp.dot 4096^3 fp32 (peak)", None, peak)]
+    rows.append((f"train step d{args.n_layers} ({'bf16' if args.bf16 else 'fp32'})", rate,
+                 rate * flops_act))
+    if args.store:
+        pipe = build_pipeline(PipelineConfig(store=args.store, batch_size=args.batch, mode="repeat",
+                                             num_threads=2, prefetch=2))
+        it = pipe.make_iterator()
+
+        def fed():
+            b = next(it)
+            state["p"], state["o"], loss, _ = step(state["p"], state["o"], jnp.asarray(b["x"]),
+                                                   None, jnp.int32(0), key)
+            return loss
+
+        t_loop = timed(fed, args.steps)
+        r = args.batch / t_loop
+        rows.append(("step fed by the grain pipeline", r, r * flops_act))
+    print(f"GLP d_input={args.d} widths {gcfg.width}/{gcfg.mlp_width}, {args.n_layers} blocks, "
+          f"{param_count(gcfg):,} params, batch {args.batch}, {jax.devices()[0].device_kind} "
+          f"x{jax.device_count()}")
+    print("| what | activations/s | GFLOP/s | vs jnp.dot peak |")
+    print("|---|---|---|---|")
+    for name, r, fl in rows:
+        print(f"| {name} | {'' if r is None else f'{r:,.0f}'} | {fl / 1e9:,.1f} | {fl / peak:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
