@@ -17,4 +17,5 @@ fi
 mapfile -t ARGS < <(train_args "$RUN_NAME")
 INNER=$(printf '%q ' .venv/bin/glp train "${ARGS[@]}" mesh_data=-1 "mesh_fsdp=${MESH_FSDP:-1}" \
   "peak_flops=${PEAK_FLOPS:-459e12}")
+INNER="${INNER% }"
 run "${SSH[@]}" --command="cd glp_jax && GLP_RUN_ROOT=$RUN_ROOT GLP_DATA_ROOT=$DATA_ROOT $INNER"
