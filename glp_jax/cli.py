@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from glp_jax.errors import GLPError
 
@@ -191,6 +192,53 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(float(x)) for x in text.replace(",", " ").split())
+    except ValueError as e:
+        raise GLPError(f"expected a list of numbers, got {text!r}") from e
+
+
+def cmd_sweep(args) -> int:
+    from glp_jax.sweep import SweepPlan, run_local_sweep
+
+    plan = SweepPlan(_ints(args.depths), _ints(args.budgets), _ints(args.seeds))
+    dirs = run_local_sweep(args.overrides, plan, args.root)
+    print(f"{len(dirs)} runs in {args.root}")
+    return 0
+
+
+def cmd_fit(args) -> int:
+    from glp_jax.scaling import fit_sweep, results_markdown
+
+    result = fit_sweep(args.sweep_dir, final_only=args.final_only, n_boot=args.n_boot,
+                       loss_column=args.loss_column)
+    out = Path(args.sweep_dir)
+    (out / "scaling.json").write_text(json.dumps(result, indent=1))
+    md = results_markdown(result)
+    (out / "scaling.md").write_text(md)
+    print(md)
+    print(f"\nwrote {out / 'scaling.json'} and {out / 'scaling.md'}")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from glp_jax.plots import plot_sweep
+    from glp_jax.scaling import fit_sweep, load_runs
+
+    out = Path(args.sweep_dir)
+    fit_path = out / "scaling.json"
+    if fit_path.exists() and not args.refit:
+        result = json.loads(fit_path.read_text())
+    else:
+        result = fit_sweep(out, final_only=args.final_only, n_boot=args.n_boot)
+        fit_path.write_text(json.dumps(result, indent=1))
+    paths = plot_sweep(load_runs(out), result, Path(args.out or out / "plots"))
+    for p in paths:
+        print(p)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from glp_jax.demo import run_demo
 
@@ -271,6 +319,29 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True)
     ex.add_argument("--step", default="latest")
     ex.set_defaults(fn=cmd_export)
+
+    sw = sub.add_parser("sweep", help="run a depths x budgets x seeds sweep locally")
+    sw.add_argument("overrides", nargs="*", help="config=FILE key=value (base of every run)")
+    sw.add_argument("--depths", default="1 2 4")
+    sw.add_argument("--budgets", required=True, help="activations per run, e.g. '1e5 4e5'")
+    sw.add_argument("--seeds", default="0")
+    sw.add_argument("--root", required=True, help="sweep directory (one folder per run)")
+    sw.set_defaults(fn=cmd_sweep)
+
+    ft = sub.add_parser("fit", help="fit L(C) = E + A C^-alpha (and downstream metrics) to a sweep")
+    ft.add_argument("sweep_dir")
+    ft.add_argument("--final-only", action="store_true", help="one run per budget: final points")
+    ft.add_argument("--n-boot", type=int, default=1000)
+    ft.add_argument("--loss-column", default=None, help="default val_loss if logged, else loss")
+    ft.set_defaults(fn=cmd_fit)
+
+    pl = sub.add_parser("plot", help="PNG plots of a sweep (loss vs compute, frontier, metrics)")
+    pl.add_argument("sweep_dir")
+    pl.add_argument("--out", default=None, help="folder for the PNGs (default SWEEP/plots)")
+    pl.add_argument("--refit", action="store_true")
+    pl.add_argument("--final-only", action="store_true")
+    pl.add_argument("--n-boot", type=int, default=1000)
+    pl.set_defaults(fn=cmd_plot)
 
     dm = sub.add_parser("demo", help="the end-to-end demo on the embedded model and corpus")
     dm.set_defaults(fn=cmd_demo)

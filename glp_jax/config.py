@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from glp_jax.errors import ConfigError
@@ -62,6 +63,7 @@ class TrainConfig:
     output_path: str = "runs/glp"
     log_every_n_steps: int = 10
     eval_every_n_steps: int = 0  # 0 = only at the end
+    eval_log_points: int = 0  # also evaluate at this many log-spaced steps (scaling curves)
     eval_rows: int = 2048
     eval_sigmas: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
     save_every_n_steps: int = 1000
@@ -113,6 +115,18 @@ class TrainConfig:
         else:
             raise ConfigError(f"save_epochs must be 'log2' or a list of ints, got {self.save_epochs!r}")
         return epochs
+
+    def eval_steps(self) -> set[int]:
+        """Steps with a validation loss: every eval_every_n_steps, log-spaced points, the end."""
+        total = self.total_steps
+        steps = {total}
+        if self.eval_every_n_steps:
+            steps |= set(range(self.eval_every_n_steps, total + 1, self.eval_every_n_steps))
+        if self.eval_log_points:
+            first = max(1, total // 100)
+            pts = np.geomspace(first, total, self.eval_log_points)
+            steps |= {int(round(p)) for p in pts}
+        return steps
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -16,6 +16,7 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLocator
 
 from glp_jax import scaling
 from glp_jax.errors import GLPError
@@ -28,6 +29,13 @@ ACTIVATIONS_LABEL = "Activations seen D"
 FRONTIER_STYLE = {"marker": "o", "s": 46, "facecolors": "none", "edgecolors": "crimson",
                   "linewidths": 1.4, "zorder": 4}
 FIT_STYLE = {"color": "black", "linestyle": "--", "linewidth": 1.6, "zorder": 5}
+METRIC_LABELS = {
+    "fd": "Fréchet distance (lower is better)",
+    "probe_auc": "1-D probe AUC (meta-neurons)",
+    "dense_probe_auc": "Dense probe AUC",
+    "steer_score": "Steering score (concept & fluency)",
+    "delta_lm_loss": "Delta LM loss (nats)",
+}
 
 
 def plot_loss_vs_compute(runs: Sequence[scaling.Run], result: dict, path: str | Path, *,
@@ -47,11 +55,11 @@ def plot_loss_vs_compute(runs: Sequence[scaling.Run], result: dict, path: str | 
             **FIT_STYLE)
     ax.set_xscale("log")
     if log_y:
-        ax.set_yscale("log")
+        _log_y_with_plain_ticks(ax)
     ax.set_xlabel(COMPUTE_LABEL)
     ax.set_ylabel(_loss_axis_label(result))
     ax.set_title("GLP loss vs compute")
-    _depth_legend(ax, runs, colors)
+    _depth_legend(ax, runs, colors, loc="lower left")
     return _save(fig, path)
 
 
@@ -69,11 +77,11 @@ def plot_loss_vs_activations(runs: Sequence[scaling.Run], result: dict, path: st
                label="compute-efficient frontier", **FRONTIER_STYLE)
     ax.set_xscale("log")
     if log_y:
-        ax.set_yscale("log")
+        _log_y_with_plain_ticks(ax)
     ax.set_xlabel(ACTIVATIONS_LABEL)
     ax.set_ylabel(_loss_axis_label(result))
     ax.set_title("GLP loss vs activations seen")
-    _depth_legend(ax, runs, colors)
+    _depth_legend(ax, runs, colors, loc="lower left")
     return _save(fig, path)
 
 
@@ -88,7 +96,7 @@ def plot_metric_vs_compute(runs: Sequence[scaling.Run], result: dict, metric: st
         ax.plot(curve.compute, curve.value, marker="o", markersize=4, linewidth=1.0,
                 color=colors[_depth_key(run)], alpha=0.9)
     if "skipped" in fit:
-        ax.set_title(f"{metric} vs compute (not fitted: too few frontier points)")
+        ax.set_title(f"{_metric_label(metric)} vs compute\n(not fitted: too few frontier points)")
     else:
         ax.scatter(fit["x"], fit["y"], label=f"on the loss frontier ({fit['n_points']} fitted)",
                    **FRONTIER_STYLE)
@@ -96,10 +104,10 @@ def plot_metric_vs_compute(runs: Sequence[scaling.Run], result: dict, metric: st
         sign = -1.0 if fit["increasing"] else 1.0
         ax.plot(grid, fit["a"] + sign * fit["b"] * grid ** -fit["beta"],
                 label=_saturating_label(fit, metric), **FIT_STYLE)
-        ax.set_title(f"{metric} vs compute")
+        ax.set_title(f"{_metric_label(metric)} vs compute")
     ax.set_xscale("log")
     ax.set_xlabel(COMPUTE_LABEL)
-    ax.set_ylabel(metric)
+    ax.set_ylabel(_metric_label(metric))
     _depth_legend(ax, runs, colors)
     return _save(fig, path)
 
@@ -114,15 +122,15 @@ def plot_metric_vs_loss(runs: Sequence[scaling.Run], result: dict, metric: str,
         loss, value = scaling.metric_vs_loss(run, loss_curve, _metric_curve(run, result, metric))
         ax.scatter(loss, value, s=22, color=colors[_depth_key(run)], alpha=0.9, zorder=3)
     if "skipped" in fit:
-        ax.set_title(f"{metric} vs loss (not fitted: too few points)")
+        ax.set_title(f"{_metric_label(metric)} vs loss\n(not fitted: too few points)")
     else:
         grid = np.linspace(min(fit["x"]), max(fit["x"]), 50)
         ax.plot(grid, fit["intercept"] + fit["slope"] * grid,
                 label=_linear_label(fit, metric), **FIT_STYLE)
-        ax.set_title(f"{metric} vs loss")
+        ax.set_title(f"{_metric_label(metric)} vs loss")
     ax.set_xlabel(_loss_axis_label(result))
-    ax.set_ylabel(metric)
-    _depth_legend(ax, runs, colors)
+    ax.set_ylabel(_metric_label(metric))
+    _depth_legend(ax, runs, colors, line=False)
     return _save(fig, path)
 
 
@@ -151,17 +159,17 @@ def _depth_key(run: scaling.Run) -> tuple:
             run.params if run.params is not None else float("inf"))
 
 
-def _depth_legend(ax, runs: Sequence[scaling.Run], colors: dict) -> None:
+def _depth_legend(ax, runs: Sequence[scaling.Run], colors: dict, *, loc: str = "best",
+                  line: bool = True) -> None:
     """Legend with one entry per depth (seeds share it), then the fit/frontier entries."""
+    extra = ax.get_legend_handles_labels()[0]
     seen = {}
     for run in sorted(runs, key=_depth_key):
         seen.setdefault(_depth_key(run), run)
-    handles = [ax.plot([], [], color=colors[key], marker=".", linewidth=1.5,
+    handles = [ax.plot([], [], color=colors[key], marker="o" if not line else ".",
+                       linestyle="-" if line else "none", linewidth=1.5,
                        label=_depth_label(run))[0] for key, run in seen.items()]
-    extra, labels = ax.get_legend_handles_labels()
-    extra = [h for h, label in zip(extra, labels, strict=True) if not label.startswith("_")
-             and h not in handles]
-    ax.legend(handles=handles + extra, fontsize=8.5, framealpha=0.9, loc="best")
+    ax.legend(handles=handles + extra, fontsize=8.5, framealpha=0.9, loc=loc)
     ax.grid(True, which="major", alpha=0.35)
     ax.grid(True, which="minor", alpha=0.12)
 
@@ -197,6 +205,23 @@ def _downstream(result: dict, metric: str) -> dict:
         raise GLPError(f"no fit for metric {metric!r} in the result (fitted: "
                        f"{sorted(downstream)}); pass metrics=[...] to fit_runs")
     return downstream[metric]
+
+
+def _metric_label(metric: str) -> str:
+    return METRIC_LABELS.get(metric, metric)
+
+
+def _log_y_with_plain_ticks(ax) -> None:
+    """Log y axis; when it spans little more than a decade (loss curves usually do), label
+    plain numbers (0.8, 1.2) instead of matplotlib's sparse 8x10^-1 ticks."""
+    ax.set_yscale("log")
+    lo, hi = ax.get_ylim()
+    if hi / lo > 30:
+        return
+    ticks = MaxNLocator(nbins=8, steps=[1, 2, 2.5, 5, 10]).tick_values(lo, hi)
+    ax.yaxis.set_major_locator(FixedLocator(ticks[(ticks >= lo) & (ticks <= hi) & (ticks > 0)]))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.yaxis.set_minor_locator(NullLocator())
 
 
 def _loss_axis_label(result: dict) -> str:

@@ -47,9 +47,10 @@ _CONFIG_ALIASES = {
 
 # Logged columns that describe training itself, never a downstream metric to fit.
 _BOOKKEEPING_COLUMNS = frozenset({
-    "step", "activations_seen", "loss", "val_loss", "params", COMPUTE_6ND, "flops_exact",
+    "step", "activations_seen", "loss", "val_loss", "train_loss", "eval_loss", "params", COMPUTE_6ND, "flops_exact",
     "lr", "learning_rate", "lr_factor", "grad_norm", "update_norm", "param_norm", "epoch",
     "time", "wall_time", "elapsed", "elapsed_s", "seed", "n_layers", "d_model", "batch_size",
+    "devices", "mfu",
 })
 _BOOKKEEPING_SUFFIXES = ("_per_s", "_per_sec", "_s", "_time", "_seconds")
 
@@ -259,7 +260,11 @@ class Curve:
 
 
 def default_loss_column(runs: Sequence[Run]) -> str:
-    """`val_loss` when every run logs it (held-out, unbiased), else the training `loss`."""
+    """`val_loss` when every run logs it, else the training `loss`.
+
+    The training loss is averaged over its log window, so it describes the model a little
+    before the logged activations_seen; held-out loss has no such lag and no train noise.
+    """
     return "val_loss" if runs and all(r.has_column("val_loss") for r in runs) else "loss"
 
 
@@ -337,8 +342,9 @@ def frontier(curves: Sequence[Curve], *, final_only: bool = False, n_grid: int =
     envelope at C is the lowest loss reached by any point with compute <= C, and a point is
     on the frontier when no other point reaches a lower loss with no more compute.
     """
-    curves = tuple(c.last() if final_only else c for c in curves if len(c))
-    if not curves:
+    # Empty curves stay in place so that indices keep matching the caller's list of runs.
+    curves = tuple(c.last() if final_only else c for c in curves)
+    if not any(len(c) for c in curves):
         raise GLPError("no points to build a frontier from; check the loss column is logged "
                        "and that rows have activations_seen > min_activations")
     if any((c.compute <= 0).any() or (c.value <= 0).any() for c in curves):
@@ -361,8 +367,10 @@ def frontier(curves: Sequence[Curve], *, final_only: bool = False, n_grid: int =
 
 def _interp_loglog(curve: Curve, log_c: np.ndarray) -> np.ndarray:
     """log loss of `curve` at log C, +inf outside the curve's compute range."""
-    x, y = np.log(curve.compute), np.log(curve.value)
     out = np.full(log_c.shape, np.inf)
+    if not len(curve):
+        return out
+    x, y = np.log(curve.compute), np.log(curve.value)
     inside = (log_c >= x[0]) & (log_c <= x[-1])
     out[inside] = np.interp(log_c[inside], x, y)
     return out
@@ -406,7 +414,8 @@ def _envelope_switches(curves: Sequence[Curve], log_grid: np.ndarray,
 
 
 def _pareto_points(curves: Sequence[Curve]) -> tuple[FrontierPoint, ...]:
-    candidates = sorted(((float(c.compute[0]), float(c.value[0]), i) for i, c in enumerate(curves)))
+    candidates = sorted((float(c.compute[0]), float(c.value[0]), i)
+                        for i, c in enumerate(curves) if len(c))
     points, best = [], math.inf
     for compute, loss, i in candidates:
         if loss < best:
@@ -457,7 +466,7 @@ class PowerLawFit:
         return f"{y} = {format_number(self.E)} + {format_number(self.A)}·{x}^-{format_number(self.alpha)}"
 
     def to_dict(self) -> dict:
-        return _fit_dict(self, x=self.compute, y=self.loss)
+        return _fit_dict(self, x=self.compute, y=self.loss, names=("compute", "loss"))
 
 
 @dataclass(frozen=True)
@@ -494,7 +503,8 @@ class SaturatingFit:
         return f"{y} = {format_number(self.a)} {'-' if sign * self.b < 0 else '+'} {term}"
 
     def to_dict(self) -> dict:
-        return {**_fit_dict(self, x=self.compute, y=self.value), "increasing": self.increasing}
+        return {**_fit_dict(self, x=self.compute, y=self.value, names=("compute", "value")),
+                "increasing": self.increasing}
 
 
 @dataclass(frozen=True)
@@ -523,14 +533,15 @@ class LinearFit:
         return f"{y} = {format_number(self.intercept)} {sign} {format_number(abs(self.slope))}·{x}"
 
     def to_dict(self) -> dict:
-        return _fit_dict(self, x=self.loss, y=self.value)
+        return _fit_dict(self, x=self.loss, y=self.value, names=("loss", "value"))
 
 
-def _fit_dict(fit, *, x: np.ndarray, y: np.ndarray) -> dict:
+def _fit_dict(fit, *, x: np.ndarray, y: np.ndarray, names: tuple[str, str]) -> dict:
+    """Coefficients, intervals and the fitted points (x, y; what they are in x_name/y_name)."""
     out = {"law": fit.law, "formula": fit.formula(), **fit.coefficients,
            "intervals": {k: list(v) for k, v in fit.intervals.items()},
            "confidence": fit.confidence, "n_boot": fit.n_boot, "n_points": len(x),
-           "x": x.tolist(), "y": y.tolist()}
+           "x_name": names[0], "y_name": names[1], "x": x.tolist(), "y": y.tolist()}
     if hasattr(fit, "huber_delta"):
         out["huber_delta"] = fit.huber_delta
     return out
@@ -813,7 +824,7 @@ def metric_columns(runs: Sequence[Run]) -> list[str]:
         for row in run.rows:
             names.update(k for k, v in row.items() if np.isfinite(_as_float(v)))
     return sorted(n for n in names if n not in _BOOKKEEPING_COLUMNS
-                  and not n.endswith(_BOOKKEEPING_SUFFIXES) and not n.endswith("loss"))
+                  and not n.endswith(_BOOKKEEPING_SUFFIXES))
 
 
 def fit_runs(runs: Sequence[Run], *, loss_column: str | None = None,

@@ -265,6 +265,7 @@ def train(cfg: TrainConfig, mesh=None, stop_after_steps: int | None = None) -> d
             val = _validation_batch(cfg, pipe, normalizer, mesh)
             eval_fn = jax.jit(make_eval_fn(graphdef, cfg.eval_sigmas, compute_dtype))
         epoch_steps = {e * cfg.epoch_size // cfg.batch_size: e for e in cfg.epoch_checkpoints()}
+        eval_steps = cfg.eval_steps()
 
         from tqdm.auto import tqdm
 
@@ -298,7 +299,7 @@ def train(cfg: TrainConfig, mesh=None, stop_after_steps: int | None = None) -> d
             step += 1
             steps_this_call += 1
             bar.update(1)
-            boundary_log = step % cfg.log_every_n_steps == 0 or step == total
+            boundary_log = step % cfg.log_every_n_steps == 0 or step in eval_steps
             boundary_save = step % cfg.save_every_n_steps == 0 or step == total
             stopping = ((stop_after_steps is not None and steps_this_call >= stop_after_steps)
                         or (cfg.stop_at_step is not None and step >= cfg.stop_at_step))
@@ -328,8 +329,7 @@ def train(cfg: TrainConfig, mesh=None, stop_after_steps: int | None = None) -> d
                        "device_kind": info.device_kind}
                 if cfg.peak_flops:
                     row["mfu"] = rate * flops_exact_per_act / (cfg.peak_flops * n_dev)
-                if eval_fn is not None and (step == total or (
-                        cfg.eval_every_n_steps and step % cfg.eval_every_n_steps == 0)):
+                if eval_fn is not None and step in eval_steps:
                     row["val_loss"] = float(eval_fn(params, *val))
                 metrics.write(row)
                 last_row = row
