@@ -125,19 +125,15 @@ def _load_ours(run_dir: Path, step) -> LoadedGLP:
     stats = np.load(io.BytesIO((run_dir / "normalizer.npz").read_bytes()))
     normalizer = Normalizer(mean=jnp.asarray(stats["mean"]), var=jnp.asarray(stats["var"]),
                             std=jnp.asarray(stats["std"]))
-    ckpt = RunCheckpoints(run_dir, async_save=False)
-    which = "latest"
+    ckpt = RunCheckpoints(run_dir, async_save=False, keep_last_n=10**9)
     if step == "latest":
         step_n = ckpt.latest_step()
         if step_n is None:
             raise CheckpointError(f"{run_dir} has no complete checkpoint yet")
     elif isinstance(step, str) and step.startswith("epoch_"):
-        which, want = "epochs", int(step.split("_")[1])
-        step_n = want * cfg.epoch_size // cfg.batch_size
+        step_n = int(step.split("_")[1]) * cfg.epoch_size // cfg.batch_size
     else:
         step_n = int(step)
-        if step_n not in ckpt.all_steps("latest") and step_n in ckpt.all_steps("epochs"):
-            which = "epochs"
     mesh = make_mesh(-1, 1)
     with jax.set_mesh(mesh):
         abstract = nnx.eval_shape(lambda: GLP(glp_cfg, rngs=nnx.Rngs(0)))
@@ -147,7 +143,7 @@ def _load_ours(run_dir: Path, step) -> LoadedGLP:
         target = abstract_with_shardings(
             {"params": abs_params, "opt_state": abs_opt},
             {"params": tree_shardings(abs_params, mesh), "opt_state": tree_shardings(abs_opt, mesh)})
-        state, _, _ = ckpt.restore(step_n, target, which=which)
+        state, _, _ = ckpt.restore(step_n, target)
     ckpt.close()
     model = nnx.merge(graphdef, state["params"])
     return LoadedGLP(model, normalizer, glp_cfg, list(resolved.get("layers", [])), str(run_dir), step_n)

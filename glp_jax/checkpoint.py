@@ -1,10 +1,10 @@
 """orbax checkpoints of a training run.
 
-Two managers under the run directory:
-    checkpoints/<step>/   keep-last-N, for resuming: params, optimizer state, step, RNG,
-                          data-iterator state and the resolved config (async saves)
-    epochs/<step>/        the original's log-spaced "epoch" checkpoints (kept forever),
-                          same items; `epoch` (in units of epoch_size activations) in metadata
+One manager, `checkpoints/<step>/` under the run directory, each step holding params,
+optimizer state, data-iterator state and the resolved config (the RNG is the seed folded
+with the step). Preservation keeps the last N steps (for resuming) plus the original's
+log-spaced "epoch" steps forever (`epoch` recorded in the saved config). One manager, not
+two: two async managers of one multi-process run deadlocked on orbax's barriers.
 Saves are atomic (orbax writes a temporary folder and renames it when complete), so a run
 killed mid-save restores from the previous complete checkpoint. Restores always go through
 a sharded abstract target, so a checkpoint saved on N devices restores on M.
@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from orbax.checkpoint._src.checkpoint_managers import preservation_policy as pp
 
 from glp_jax.errors import CheckpointError
 
@@ -31,34 +33,32 @@ def run_path(path: str | Path) -> epath.Path:
     return p if "://" in str(path) else epath.Path(Path(str(path)).absolute())
 
 
-def _manager(path: epath.Path, keep: int | None, async_save: bool) -> ocp.CheckpointManager:
-    opts = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                        create=True)
-    return ocp.CheckpointManager(path, item_names=ITEMS, options=opts)
-
-
 class RunCheckpoints:
-    def __init__(self, run_dir: str | Path, keep_last_n: int = 2, async_save: bool = True):
+    def __init__(self, run_dir: str | Path, keep_last_n: int = 2, async_save: bool = True,
+                 keep_steps: Sequence[int] = ()):
         self.run_dir = run_path(run_dir)
-        self.latest = _manager(self.run_dir / "checkpoints", keep_last_n, async_save)
-        self.epochs = _manager(self.run_dir / "epochs", None, async_save)
+        policy = pp.AnyPreservationPolicy([pp.LatestN(n=max(1, keep_last_n)),
+                                           pp.CustomSteps(list(keep_steps))])
+        opts = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True,
+                                            enable_async_checkpointing=async_save)
+        self.manager = ocp.CheckpointManager(self.run_dir / "checkpoints", item_names=ITEMS,
+                                             options=opts)
 
     def save(self, step: int, state: Any, data_state: dict, config: dict,
              epoch: int | None = None, force: bool = False) -> None:
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                                   data=ocp.args.JsonSave(data_state),
                                   config=ocp.args.JsonSave({**config, "_epoch": epoch}))
-        mgr = self.epochs if epoch is not None else self.latest
-        mgr.save(step, args=args, force=force)
+        self.manager.save(step, args=args, force=force)
 
     def latest_step(self) -> int | None:
-        return self.latest.latest_step()
+        return self.manager.latest_step()
 
-    def all_steps(self, which: str = "latest") -> list[int]:
-        return list((self.latest if which == "latest" else self.epochs).all_steps())
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
 
-    def restore(self, step: int, abstract_state: Any, which: str = "latest") -> tuple[Any, dict, dict]:
-        mgr = self.latest if which == "latest" else self.epochs
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
+        mgr = self.manager
         if step not in mgr.all_steps():
             raise CheckpointError(f"no complete checkpoint at step {step} in {mgr.directory}; "
                                   f"available: {list(mgr.all_steps())}")
@@ -74,12 +74,10 @@ class RunCheckpoints:
         return out.state, out.data, out.config
 
     def wait(self) -> None:
-        self.latest.wait_until_finished()
-        self.epochs.wait_until_finished()
+        self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.latest.close()
-        self.epochs.close()
+        self.manager.close()
 
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:

@@ -244,7 +244,9 @@ def train(cfg: TrainConfig, mesh=None, stop_after_steps: int | None = None) -> d
                      std=np.asarray(normalizer.std), layers=np.asarray(pipe.layers))
             (run_dir / "normalizer.npz").write_bytes(buf.getvalue())
 
-        ckpt = RunCheckpoints(run_dir, cfg.keep_last_n, cfg.async_checkpointing)
+        epoch_steps = {e * cfg.epoch_size // cfg.batch_size: e for e in cfg.epoch_checkpoints()}
+        ckpt = RunCheckpoints(run_dir, cfg.keep_last_n, cfg.async_checkpointing,
+                              keep_steps=sorted(epoch_steps))
         it = pipe.make_iterator()
         start = ckpt.latest_step() or 0
         if start:
@@ -264,7 +266,6 @@ def train(cfg: TrainConfig, mesh=None, stop_after_steps: int | None = None) -> d
         if cfg.val_dataset:
             val = _validation_batch(cfg, pipe, normalizer, mesh)
             eval_fn = jax.jit(make_eval_fn(graphdef, cfg.eval_sigmas, compute_dtype))
-        epoch_steps = {e * cfg.epoch_size // cfg.batch_size: e for e in cfg.epoch_checkpoints()}
         eval_steps = cfg.eval_steps()
 
         from tqdm.auto import tqdm
@@ -335,12 +336,9 @@ def train(cfg: TrainConfig, mesh=None, stop_after_steps: int | None = None) -> d
                 last_row = row
                 bar.set_postfix(loss=f"{row['loss']:.4f}", act_s=f"{rate:,.0f}")
                 window, t_window, rate_steps = [], time.perf_counter(), 0
-            if boundary_save or stopping:
-                ckpt.save(step, {"params": params, "opt_state": opt_state},
-                          _data_state(it), resolved, force=stopping)
-            if step in epoch_steps:
+            if boundary_save or stopping or step in epoch_steps:
                 ckpt.save(step, {"params": params, "opt_state": opt_state}, _data_state(it),
-                          resolved, epoch=epoch_steps[step])
+                          resolved, epoch=epoch_steps.get(step), force=True)
             if stopping:
                 break
         bar.close()
