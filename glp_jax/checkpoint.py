@@ -13,8 +13,8 @@ a sharded abstract target, so a checkpoint saved on N devices restores on M.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
