@@ -34,7 +34,8 @@ lint: install
 
 bench: install
 	$(BIN)/python experiments/bench_extract.py
-	$(BIN)/python experiments/bench_store.py
+	$(BIN)/python experiments/bench_pipeline.py
+	$(BIN)/python experiments/bench_train.py
 
 clean:
 	rm -rf $(VENV) runs

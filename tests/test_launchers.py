@@ -75,3 +75,19 @@ def test_sweep_covers_the_grid_with_distinct_run_names():
     assert len(outs) == 8 and "output_path=/tmp/sw/s1/d6-a4000000-s1" in outs
     c = next(c for c in cmds if "output_path=/tmp/sw/s1/d6-a4000000-s1" in c)
     assert {"n_layers=6", "num_activations=4000000", "seed=1", "num_steps=null"} <= set(c)
+
+
+def test_paper_extraction_scripts_match_their_configs():
+    for script, config, layers in (("extract_llama1b.sh", "glp-llama1b-d3.yaml", "7"),
+                                   ("extract_llama1b_multi.sh", "glp-llama1b-d12-multi.yaml", "all"),
+                                   ("extract_llama8b.sh", "glp-llama8b-d6.yaml", "15")):
+        out = subprocess.run(["bash", str(ROOT / "experiments" / "paper" / script)],
+                             env={**os.environ, "DRY_RUN": "1", "GLP": "glp"}, cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout
+        val, train = [shlex.split(ln) for ln in out.strip().splitlines()]
+        assert train[train.index("--layers") + 1] == layers
+        assert train[train.index("--corpus") + 1] == "hf:HuggingFaceFW/fineweb:sample-10BT"
+        store = train[train.index("--out") + 1]
+        text = (ROOT / "experiments" / "paper" / config).read_text()
+        assert "${GLP_DATA_ROOT}/" + store.split("/", 1)[1] in text
+        assert val[val.index("--out") + 1] == store[: -len("train")] + "val"
