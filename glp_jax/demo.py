@@ -23,7 +23,7 @@ from glp_jax.data.corpus import open_corpus
 from glp_jax.data.store import ActivationStore, StoreMeta
 
 DEMO_ROOT = Path(os.environ.get("GLP_DEMO_ROOT", "runs/demo"))
-TRAIN_ROWS = int(os.environ.get("GLP_DEMO_TRAIN_ROWS", 60_000))
+TRAIN_ROWS = int(os.environ.get("GLP_DEMO_TRAIN_ROWS", 120_000))
 VAL_ROWS = int(os.environ.get("GLP_DEMO_VAL_ROWS", 8_000))
 DEPTHS = tuple(int(x) for x in os.environ.get("GLP_DEMO_DEPTHS", "1 2 4 8").split())
 BUDGET = int(float(os.environ.get("GLP_DEMO_ACTIVATIONS", 614_400)))

@@ -198,4 +198,4 @@ def test_follow_mode_trains_while_rows_are_appended(tmp_path):
     assert row["step"] == 40
     # 40 steps x 64 rows need 3 follow blocks of 16 x 64 rows, i.e. 6 commits of 512: the
     # trainer must have waited for them.
-    assert 6 <= commits_before_end < 8 or commits_before_end == 8
+    assert commits_before_end >= 6
