@@ -7,6 +7,7 @@ checkpoints load the same way.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from dataclasses import dataclass
@@ -111,7 +112,7 @@ def load(run_dir: str | Path, step: int | str = "latest") -> LoadedGLP:
 
 def _load_ours(run_dir: Path, step) -> LoadedGLP:
     from glp_jax.checkpoint import RunCheckpoints, abstract_with_shardings
-    from glp_jax.config import make_config
+    from glp_jax.config import TrainConfig, make_config
     from glp_jax.sharding import make_mesh, tree_shardings
     from glp_jax.train import make_optimizer
 
@@ -120,7 +121,8 @@ def _load_ours(run_dir: Path, step) -> LoadedGLP:
                               f"format folder (no config.yaml)")
     resolved = json.loads((run_dir / "run.json").read_text())
     glp_cfg = GLPConfig.from_dict(resolved["glp"]).resolved()
-    train_keys = {k: v for k, v in resolved.items() if k not in ("glp", "run", "layers")}
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"layers"}
+    train_keys = {k: v for k, v in resolved.items() if k in fields}
     cfg = make_config(train_keys)
     stats = np.load(io.BytesIO((run_dir / "normalizer.npz").read_bytes()))
     normalizer = Normalizer(mean=jnp.asarray(stats["mean"]), var=jnp.asarray(stats["var"]),

@@ -89,8 +89,7 @@ def run_demo() -> int:
     best = min(runs, key=lambda r: float(np.nanmin(r.column("val_loss"))))
     glp = load(best.path)
     samples = glp.sample(SAMPLES, steps=100, seed=0)
-    val = stores["val"].read_range(0, min(len(stores["val"]), SAMPLES))
-    train_ref = stores["train"].read_range(0, min(len(stores["train"]), SAMPLES))
+    val, train_ref = (_random_rows(stores[k], SAMPLES, seed=i) for i, k in enumerate(("val", "train")))
     fd_samples = frechet_distance(samples, val)
     fd_floor = frechet_distance(train_ref, val)
     np.save(DEMO_ROOT / "samples.npy", samples)
@@ -112,6 +111,12 @@ def run_demo() -> int:
     print("| time | " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
           + f", total {time.perf_counter() - t0:.0f} s |")
     return 0
+
+
+def _random_rows(store: ActivationStore, n: int, seed: int) -> np.ndarray:
+    """n rows drawn uniformly (without replacement) from the whole store."""
+    idx = np.random.default_rng(seed).choice(len(store), min(n, len(store)), replace=False)
+    return store.read_rows(idx)
 
 
 def _fd_scale(x: np.ndarray) -> float:

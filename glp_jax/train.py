@@ -235,8 +235,10 @@ def train(cfg: TrainConfig, mesh=None, stop_after_steps: int | None = None) -> d
                        glp_cfg.width, glp_cfg.mlp_width, glp_cfg.n_layers, n_dev,
                        jax.devices()[0].device_kind, jax.process_count())
         resolved = {**cfg.to_dict(), "glp": glp_cfg.to_dict(), "layers": pipe.layers,
-                    "run": dataclasses.asdict(info)}
-        if primary:
+                    "train_rows": pipe.rows, "run": dataclasses.asdict(info)}
+        if (run_dir / "run.json").exists():
+            check_resumable(json.loads((run_dir / "run.json").read_text()), resolved, run_dir)
+        elif primary:
             (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
             (run_dir / "run.json").write_text(json.dumps(resolved, indent=1))
             buf = io.BytesIO()
@@ -346,6 +348,25 @@ def train(cfg: TrainConfig, mesh=None, stop_after_steps: int | None = None) -> d
         ckpt.close()
         _close(it)
     return last_row
+
+
+RESUME_KEYS = ("glp", "layers", "batch_size", "seed", "train_dataset", "data_mode",
+               "sigma_sampling", "learning_rate", "num_steps", "num_activations")
+
+
+def check_resumable(saved: dict, now: dict, run_dir) -> None:
+    """A rerun into an existing run directory must be the same run, on the same data."""
+    diffs = [f"{k}: run has {saved.get(k)!r}, now {now.get(k)!r}"
+             for k in RESUME_KEYS if saved.get(k) != now.get(k)]
+    if now.get("data_mode") != "follow" and saved.get("train_rows") != now.get("train_rows"):
+        diffs.append(f"train rows: the run started on {saved.get('train_rows')} rows, the store "
+                     f"now holds {now.get('train_rows')} (the shuffle and the normaliser would "
+                     f"change)")
+    if diffs:
+        raise ConfigError(f"{run_dir} holds a different run; resuming it with these settings "
+                          f"would not reproduce it:\n  " + "\n  ".join(diffs)
+                          + "\nUse a new output_path, or rerun with the run's settings "
+                          "(they are in run.json).")
 
 
 def _data_state(it) -> dict:

@@ -199,3 +199,32 @@ def test_follow_mode_trains_while_rows_are_appended(tmp_path):
     # 40 steps x 64 rows need 3 follow blocks of 16 x 64 rows, i.e. 6 commits of 512: the
     # trainer must have waited for them.
     assert commits_before_end >= 6
+
+
+def test_rerun_with_other_settings_or_grown_store_is_refused(tmp_path):
+    store = _store(tmp_path / "s", n=1024)
+    base = dict(train_dataset=str(tmp_path / "s"), n_layers=1, batch_size=64, num_steps=4,
+                data_mode="repeat", save_every_n_steps=2, output_path=str(tmp_path / "run"),
+                progress=False)
+    train(make_config(base))
+    with pytest.raises(ConfigError, match="n_layers"):
+        train(make_config({**base, "n_layers": 2}))
+    store.append({0: np.ones((64, 8), np.float32)}, np.zeros(64), np.zeros(64))
+    with pytest.raises(ConfigError, match="the run started on 1024 rows, the store now holds 1088"):
+        train(make_config(base))
+
+
+def test_corrupt_checkpoint_gives_a_clear_error(tmp_path):
+    from glp_jax.errors import CheckpointError
+
+    _store(tmp_path / "s", n=1024)
+    base = dict(train_dataset=str(tmp_path / "s"), n_layers=1, batch_size=64, num_steps=8,
+                data_mode="repeat", save_every_n_steps=4, stop_at_step=4,
+                output_path=str(tmp_path / "run"), progress=False)
+    train(make_config(base))
+    state_dir = tmp_path / "run" / "checkpoints" / "4" / "state"
+    victims = [p for p in state_dir.rglob("*") if p.is_file() and p.stat().st_size > 0]
+    for p in victims:
+        p.write_bytes(b"\0" * 7)
+    with pytest.raises(CheckpointError, match="checkpoints/4 is corrupt"):
+        train(make_config({**base, "stop_at_step": None}))
