@@ -177,8 +177,13 @@ def cmd_config_check(args) -> int:
             small_cfg = dataclasses.replace(cfg, d_input=small.d_input, batch_size=64 *
                                             cfg.gradient_accumulation_steps)
         res = compile_step(small_cfg, small)
+        from glp_jax.model import matmul_flops_per_example
+
+        exact = 3 * matmul_flops_per_example(small) * small_cfg.batch_size
         print(f"compiled one step of {small} at batch {small_cfg.batch_size} in "
-              f"{res['compile_s']:.1f} s: {res['flops']:.3e} FLOPs, temp {res['temp_bytes']} B")
+              f"{res['compile_s']:.1f} s: exact matmul FLOPs {exact:.3e} (XLA's estimate "
+              f"{res['flops']:.3e} counts the scanned blocks once); temp memory "
+              f"{res['temp_bytes'] / 2**30:.2f} GiB, arguments {res['argument_bytes'] / 2**30:.2f} GiB")
     return 0
 
 

@@ -50,6 +50,7 @@ class TrainConfig:
     final_factor: float = 0.1
     gradient_clipping_threshold: float = 1.0
     use_bf16: bool = True  # bf16 compute, fp32 master parameters
+    remat_blocks: bool = False  # recompute blocks in backward: less memory, ~1/3 more FLOPs
     sigma_sampling: str = "discrete"  # discrete (original, 1000 levels) | continuous
     # run length: num_steps, or num_activations (steps = num_activations // batch_size)
     num_steps: int | None = None

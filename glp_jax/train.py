@@ -15,6 +15,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import jax
@@ -63,19 +64,21 @@ def make_optimizer(cfg: TrainConfig, total_steps: int) -> tuple[optax.GradientTr
 
 
 # ----------------------------------------------------------------------------- the step
-def loss_fn(params, graphdef, x_BxD, layer_B, key, *, compute_dtype, discrete: bool):
+def loss_fn(params, graphdef, x_BxD, layer_B, key, *, compute_dtype, discrete: bool,
+            remat: bool = False):
     model = nnx.merge(graphdef, params)
     k_sigma, k_eps = jax.random.split(key)
     sigma_B = flow.sample_train_sigma(k_sigma, x_BxD.shape[0], discrete=discrete)
     eps_BxD = jax.random.normal(k_eps, x_BxD.shape, jnp.float32)
     z_BxD = flow.add_noise(x_BxD, eps_BxD, sigma_B)
-    v_BxD = model(z_BxD, sigma_B, layer_B, compute_dtype=compute_dtype)
+    v_BxD = model(z_BxD, sigma_B, layer_B, compute_dtype=compute_dtype, remat=remat)
     return flow.flow_loss(v_BxD, flow.velocity_target(x_BxD, eps_BxD))
 
 
-def make_train_step(graphdef, tx, *, accum: int, compute_dtype, discrete: bool):
+def make_train_step(graphdef, tx, *, accum: int, compute_dtype, discrete: bool,
+                    remat: bool = False):
     """(params, opt_state, x, layer, step, base_key) -> (params, opt_state, loss, grad_norm)."""
-    grad_fn = jax.value_and_grad(loss_fn)
+    grad_fn = jax.value_and_grad(partial(loss_fn, remat=remat))
 
     def step_fn(params, opt_state, x_BxD, layer_B, step, base_key):
         key = jax.random.fold_in(base_key, step)
@@ -261,7 +264,8 @@ def train(cfg: TrainConfig, mesh=None, stop_after_steps: int | None = None) -> d
 
         step_fn = jax.jit(make_train_step(graphdef, tx, accum=cfg.gradient_accumulation_steps,
                                           compute_dtype=compute_dtype,
-                                          discrete=cfg.sigma_sampling == "discrete"),
+                                          discrete=cfg.sigma_sampling == "discrete",
+                                          remat=cfg.remat_blocks),
                           out_shardings=(p_shard, o_shard, replicated(mesh), replicated(mesh)),
                           donate_argnums=(0, 1))
         eval_fn, val = None, None
@@ -433,7 +437,8 @@ def compile_step(cfg: TrainConfig, glp_cfg: GLPConfig, mesh=None) -> dict:
                  if glp_cfg.is_multi_layer else None)
         step_fn = jax.jit(make_train_step(graphdef, tx, accum=cfg.gradient_accumulation_steps,
                                           compute_dtype=jnp.bfloat16 if cfg.use_bf16 else jnp.float32,
-                                          discrete=cfg.sigma_sampling == "discrete"),
+                                          discrete=cfg.sigma_sampling == "discrete",
+                                          remat=cfg.remat_blocks),
                           out_shardings=(p_shard, o_shard, replicated(mesh), replicated(mesh)),
                           donate_argnums=(0, 1))
         t0 = time.perf_counter()

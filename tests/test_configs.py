@@ -48,3 +48,13 @@ def test_env_expansion(monkeypatch):
     monkeypatch.setenv("GLP_DATA_ROOT", "gs://bucket/acts")
     cfg = load_config([f"config={ROOT / 'paper' / 'glp-llama1b-d3.yaml'}"])
     assert cfg.train_dataset == "gs://bucket/acts/llama1b-l07-fineweb/train"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_paper_config_compiles_full_size(name, capsys):
+    """AOT compile at full width and batch 4096 on abstract inputs (nothing allocated)."""
+    path = ROOT / "paper" / (name + ".yaml")
+    assert main(["config", "check", f"config={path}", "--compile", "--full"]) == 0
+    out = capsys.readouterr().out
+    assert "batch 4096" in out and "temp memory" in out

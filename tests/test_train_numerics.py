@@ -228,3 +228,15 @@ def test_corrupt_checkpoint_gives_a_clear_error(tmp_path):
         p.write_bytes(b"\0" * 7)
     with pytest.raises(CheckpointError, match="checkpoints/4 is corrupt"):
         train(make_config({**base, "stop_at_step": None}))
+
+
+def test_remat_blocks_gives_the_same_gradients():
+    from glp_jax.train import loss_fn
+
+    graphdef, params = nnx.split(GLP(GLPConfig(d_input=4, n_layers=3), rngs=nnx.Rngs(0)))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((8, 4)), jnp.float32)
+    grads = [jax.jit(jax.grad(lambda p, r=r: loss_fn(p, graphdef, x, None, jax.random.key(1),
+                                                     compute_dtype=jnp.float32, discrete=True,
+                                                     remat=r)))(params) for r in (False, True)]
+    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1]), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
