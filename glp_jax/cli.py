@@ -45,7 +45,7 @@ def cmd_extract(args) -> int:
                      tokenizer=model_id, corpus=corpus.name, split=args.split,
                      token_policy=args.policy, tokens_per_doc=args.tokens_per_doc,
                      max_length=args.max_length, seed=args.seed,
-                     extra={"val_docs": args.val_docs})
+                     extra={"val_docs": args.val_docs, "llm_dtype": args.llm_dtype})
     # Validate against an existing store before the (slow) weight load; a mismatch changes nothing.
     store = ActivationStore.open_or_create(args.out, meta)
     lm = load_causal_lm(args.model, dtype=args.llm_dtype, device=args.device)

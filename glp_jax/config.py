@@ -90,6 +90,9 @@ class TrainConfig:
             raise ConfigError(f"sigma_sampling must be discrete or continuous, got {self.sigma_sampling!r}")
         if self.n_layers <= 0:
             raise ConfigError(f"n_layers must be positive, got {self.n_layers}")
+        for name in ("log_every_n_steps", "save_every_n_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
         if self.num_steps is not None and self.num_activations is not None:
@@ -133,17 +136,52 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def _coerce(name: str, value: Any, default: Any) -> Any:
-    if isinstance(value, str) and not isinstance(default, str):
-        value = yaml.safe_load(value) if value != "" else None
-    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if isinstance(default, bool) and not isinstance(value, bool):
-        raise ConfigError(f"{name} must be true or false, got {value!r}")
-    if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float):
-        if value != int(value):
-            raise ConfigError(f"{name} must be an integer, got {value!r}")
-        value = int(value)
+def _number(name: str, value: Any, kind: str):
+    if isinstance(value, bool):
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number, got {value!r}") from None
+    if kind == "float":
+        return float(value)
+    if float(value) != int(value):
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+    return int(value)
+
+
+def _coerce(name: str, value: Any, annotation: str) -> Any:
+    """Convert a YAML or command-line value to the field's declared type.
+
+    Command-line values arrive as strings; YAML 1.1 reads `1e-4` as a string too, so
+    numbers are parsed by the field's type, not by YAML."""
+    kinds = [k.strip() for k in str(annotation).split("|")]
+    if isinstance(value, str) and value.strip().lower() in ("null", "none", "~", ""):
+        value = None
+    if value is None:
+        if "None" in kinds:
+            return None
+        raise ConfigError(f"{name} cannot be null")
+    list_kind = next((k for k in kinds if k.startswith("list[")), None)
+    if isinstance(value, str) and (list_kind or "bool" in kinds) and "str" not in kinds[:1]:
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, list | bool) or (list_kind and "str" not in kinds):
+            value = parsed
+    elif isinstance(value, str) and list_kind and value.strip().startswith("["):
+        value = yaml.safe_load(value)
+    if list_kind and (isinstance(value, list) or "str" not in kinds):
+        elem = list_kind[5:-1]
+        items = value if isinstance(value, list) else [value]
+        return [_number(name, v, elem) for v in items]
+    if "bool" in kinds:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false, got {value!r}")
+        return value
+    if "int" in kinds or "float" in kinds:
+        return _number(name, value, "int" if "int" in kinds else "float")
+    if "str" in kinds:
+        return str(value)
     return value
 
 
@@ -161,19 +199,13 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 def make_config(values: dict[str, Any], cls=TrainConfig):
     """Build a config from a dict (YAML or overrides); unknown keys get a suggestion."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    defaults = cls.__new__(cls)
-    for f in dataclasses.fields(cls):
-        if f.default is not dataclasses.MISSING:
-            setattr(defaults, f.name, f.default)
-        elif f.default_factory is not dataclasses.MISSING:
-            setattr(defaults, f.name, f.default_factory())
     kwargs = {}
     for k, v in values.items():
         if k not in fields:
             close = difflib.get_close_matches(k, fields, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"unknown config key {k!r}{hint} (see glp_jax/config.py for the keys)")
-        kwargs[k] = _coerce(k, v, getattr(defaults, k))
+        kwargs[k] = _coerce(k, v, fields[k].type)
     try:
         return cls(**kwargs)
     except TypeError as e:

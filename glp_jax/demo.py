@@ -48,7 +48,8 @@ def extract_demo_data(root: Path = DEMO_ROOT) -> dict[str, ActivationStore]:
         lm = lm or load_causal_lm("smollm2")
         layer = middle_layer(lm.n_layers)
         meta = StoreMeta(model=lm.model_id, layers=[layer], d=lm.d, tokenizer=lm.model_id,
-                         corpus=corpus.name, split=split, seed=42, extra={"val_docs": None})
+                         corpus=corpus.name, split=split, seed=42,
+                         extra={"val_docs": None, "llm_dtype": "float32"})
         store = ActivationStore.open_or_create(path, meta)
         print(f"[demo] extracting {rows:,} {split} rows of layer {layer} -> {store.url}")
         extract_to_store(Extractor(lm, [layer]), corpus, store, rows, split=split)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from glp_jax.config import load_config
-from glp_jax.train import train
+from glp_jax.train import parse_metrics_line, train
 
 
 @dataclass(frozen=True)
@@ -38,11 +38,9 @@ def run_finished(run_dir: Path) -> bool:
     if not (metrics.exists() and cfg_path.exists()):
         return False
     cfg = json.loads(cfg_path.read_text())
-    lines = [ln for ln in metrics.read_text().splitlines() if ln.strip()]
-    if not lines:
-        return False
+    rows = [r for ln in metrics.read_text().splitlines() if (r := parse_metrics_line(ln)) is not None]
     steps = cfg.get("num_steps") or max(1, cfg["num_activations"] // cfg["batch_size"])
-    return json.loads(lines[-1]).get("step") == steps
+    return bool(rows) and rows[-1].get("step") == steps
 
 
 def run_local_sweep(overrides: list[str], plan: SweepPlan, root: str | Path,

@@ -178,6 +178,14 @@ class RunInfo:
     processes: int
 
 
+def parse_metrics_line(line: str) -> dict | None:
+    """A metrics row, or None for a blank or torn line (a writer killed mid-line)."""
+    try:
+        return json.loads(line) if line.strip() else None
+    except json.JSONDecodeError:
+        return None
+
+
 class MetricsLog:
     """metrics.jsonl; on resume, lines past the restored step are dropped (they are redone)."""
 
@@ -186,7 +194,7 @@ class MetricsLog:
         self.lines: list[str] = []
         if primary and path.exists():
             self.lines = [ln for ln in path.read_text().splitlines()
-                          if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+                          if (row := parse_metrics_line(ln)) is not None and row.get("step", 0) <= resume_step]
             path.write_text("".join(ln + "\n" for ln in self.lines))
 
     def write(self, row: dict) -> None:
@@ -229,10 +237,10 @@ def train(cfg: TrainConfig, mesh=None, stop_after_steps: int | None = None) -> d
     compute_dtype = jnp.bfloat16 if cfg.use_bf16 else jnp.float32
 
     with jax.set_mesh(mesh):
-        graphdef, params, p_shard = init_params(glp_cfg, cfg.seed, mesh)
+        graphdef, abs_params = nnx.split(nnx.eval_shape(lambda: GLP(glp_cfg, rngs=nnx.Rngs(0))))
         tx, schedule = make_optimizer(cfg, total)
-        o_shard = tree_shardings(jax.eval_shape(tx.init, params), mesh)
-        opt_state = jax.jit(tx.init, out_shardings=o_shard)(params)
+        abs_opt = jax.eval_shape(tx.init, abs_params)
+        p_shard, o_shard = tree_shardings(abs_params, mesh), tree_shardings(abs_opt, mesh)
         base_key = jax.random.key(cfg.seed)
         info = RunInfo(param_count(glp_cfg), matmul_flops_per_example(glp_cfg), glp_cfg.d_input,
                        glp_cfg.width, glp_cfg.mlp_width, glp_cfg.n_layers, n_dev,
@@ -242,24 +250,27 @@ def train(cfg: TrainConfig, mesh=None, stop_after_steps: int | None = None) -> d
         if (run_dir / "run.json").exists():
             check_resumable(json.loads((run_dir / "run.json").read_text()), resolved, run_dir)
         elif primary:
-            (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
-            (run_dir / "run.json").write_text(json.dumps(resolved, indent=1))
             buf = io.BytesIO()
             np.savez(buf, mean=np.asarray(normalizer.mean), var=np.asarray(normalizer.var),
                      std=np.asarray(normalizer.std), layers=np.asarray(pipe.layers))
-            (run_dir / "normalizer.npz").write_bytes(buf.getvalue())
+            _write_atomic(run_dir / "normalizer.npz", buf.getvalue())
+            _write_atomic(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1).encode())
+            _write_atomic(run_dir / "run.json", json.dumps(resolved, indent=1).encode())
 
         epoch_steps = {e * cfg.epoch_size // cfg.batch_size: e for e in cfg.epoch_checkpoints()}
         ckpt = RunCheckpoints(run_dir, cfg.keep_last_n, cfg.async_checkpointing,
                               keep_steps=sorted(epoch_steps))
         it = pipe.make_iterator()
         start = ckpt.latest_step() or 0
-        if start:
-            target = abstract_with_shardings({"params": params, "opt_state": opt_state},
+        if start:  # restore straight into the shards: no initialised copy alongside
+            target = abstract_with_shardings({"params": abs_params, "opt_state": abs_opt},
                                              {"params": p_shard, "opt_state": o_shard})
             state, data_state, _ = ckpt.restore(start, target)
             params, opt_state = state["params"], state["opt_state"]
             it.set_state(data_state)
+        else:
+            params = init_params(glp_cfg, cfg.seed, mesh)[1]
+            opt_state = jax.jit(tx.init, out_shardings=o_shard)(params)
         metrics = MetricsLog(run_dir / "metrics.jsonl", start, primary)
 
         step_fn = jax.jit(make_train_step(graphdef, tx, accum=cfg.gradient_accumulation_steps,
@@ -283,6 +294,12 @@ def train(cfg: TrainConfig, mesh=None, stop_after_steps: int | None = None) -> d
         flops_exact_per_act = 3 * info.fwd_matmul_flops
         step, steps_this_call, rate_steps = start, 0, 0
         end = total if cfg.stop_at_step is None else min(total, cfg.stop_at_step)
+        if cfg.data_mode == "single" and pipe.batches_per_epoch < total:
+            raise ConfigError(
+                f"num_steps {total} needs {total * cfg.batch_size:,} activations but "
+                f"{cfg.train_dataset} holds {pipe.rows:,} rows x {len(pipe.layers)} layers "
+                f"({pipe.batches_per_epoch} batches, single pass); lower num_steps / "
+                f"num_activations, extract more rows, or set data_mode=repeat")
         while step < end:
             try:
                 batch = next(it)
@@ -312,18 +329,20 @@ def train(cfg: TrainConfig, mesh=None, stop_after_steps: int | None = None) -> d
                         or (cfg.stop_at_step is not None and step >= cfg.stop_at_step))
             if boundary_log or boundary_save or step in epoch_steps or stopping:
                 losses = np.asarray(jax.device_get(jnp.stack([w[0] for w in window])))
-                if not np.isfinite(losses).all():
+                gnorms = np.asarray(jax.device_get(jnp.stack([w[1] for w in window])))
+                # A finite loss with an Inf gradient still leaves NaN parameters behind.
+                if not (np.isfinite(losses).all() and np.isfinite(gnorms).all()):
                     ckpt.wait()
                     bar.close()
                     good = ckpt.latest_step()
+                    bad = np.concatenate([losses[~np.isfinite(losses)], gnorms[~np.isfinite(gnorms)]])
                     raise TrainingDivergedError(
-                        f"loss became {losses[~np.isfinite(losses)][0]} by step {step}; the last "
+                        f"loss or gradient norm became {bad[0]} by step {step}; the last "
                         f"good checkpoint (step {good}) is kept in {run_dir}/checkpoints. Lower "
                         f"learning_rate, keep gradient_clipping_threshold=1, or check the data "
                         f"for outliers (glp store info).")
             if boundary_log:
                 dt = time.perf_counter() - t_window
-                gnorms = np.asarray(jax.device_get(jnp.stack([w[1] for w in window])))
                 acts = step * cfg.batch_size
                 rate = rate_steps * cfg.batch_size / dt if rate_steps else float("nan")
                 row = {"step": step, "activations_seen": acts, "loss": float(losses.mean()),
@@ -373,6 +392,16 @@ def check_resumable(saved: dict, now: dict, run_dir) -> None:
                           "(they are in run.json).")
 
 
+def _write_atomic(path, data: bytes) -> None:
+    """Write then rename, so a reader (another process, a resume) never sees half a file."""
+    if "://" in str(path):  # object stores replace whole objects anyway
+        path.write_bytes(data)
+        return
+    tmp = path.parent / f".{path.name}.tmp"
+    tmp.write_bytes(data)
+    tmp.rename(path)
+
+
 def _data_state(it) -> dict:
     state = it.get_state()
     return json.loads(json.dumps(state, default=_jsonable))
@@ -403,9 +432,11 @@ def _validation_batch(cfg: TrainConfig, pipe: Pipeline, normalizer: Normalizer, 
     n -= n % mesh.devices.size
     if n <= 0:
         raise ConfigError(f"val_dataset {cfg.val_dataset} has too few rows ({len(val)})")
+    # A fixed random subset (not the first rows: they would come from a handful of documents).
+    idx = np.sort(np.random.default_rng(0).choice(len(val), n, replace=False))
     xs, ls = [], []
     for pos, k in enumerate(pipe.layers):
-        x = val.read_range(0, n, layer=k)
+        x = val.read_rows(idx, layer=k)
         lp = pos if len(pipe.layers) > 1 else None
         xs.append(np.asarray(normalizer.normalize(x, lp)))
         ls.append(np.full(n, k, np.int32))

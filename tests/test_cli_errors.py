@@ -49,7 +49,7 @@ def test_extract_into_store_of_another_layer_or_model(tmp_path, capsys):
     path = tmp_path / "s"
     meta = StoreMeta(model="smollm2:SmolLM2-135M-Instruct.Q4_1", layers=[3], d=576,
                      corpus="fortune", tokenizer="smollm2:SmolLM2-135M-Instruct.Q4_1",
-                     seed=42, extra={"val_docs": None})
+                     seed=42, extra={"val_docs": None, "llm_dtype": "float32"})
     store = ActivationStore.create(path, meta)
     store.append({3: np.ones((5, 576))}, np.arange(5), np.zeros(5))
     before = (path / "commit.npz").read_bytes()

@@ -107,3 +107,28 @@ def test_empty_corpus_and_bad_max_tokens(smollm2, tmp_path):
         extract_to_store(ex, Corpus("x", [Document("hello there")]), store, 0, progress=False)
     with pytest.raises(GLPError, match="out of range"):
         Extractor(smollm2, [30])
+
+
+def test_last_layer_is_the_residual_stream_before_the_final_norm(smollm2):
+    """HF's last hidden state is post-norm; the store keeps the residual stream, whose
+    final-norm image is HF's hidden_states[-1]."""
+    from glp_jax.llm.extract import tokenizer_adds_bos
+
+    assert not tokenizer_adds_bos(smollm2.tokenizer)
+    docs = _docs(2)
+    last = smollm2.n_layers - 1
+    rows = Extractor(smollm2, [last], max_length=64).window(docs)
+    ids = tokenize_documents(smollm2.tokenizer, [docs[0][1].text], 64)[0]
+    with torch.inference_mode():
+        out = smollm2.model(input_ids=torch.tensor([ids]), output_hidden_states=True)
+        normed = smollm2.model.model.norm(torch.from_numpy(rows.acts[0][last])).numpy()
+    ref = out.hidden_states[-1][0, 1:].numpy()
+    np.testing.assert_allclose(normed, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_store_settings_mismatch_is_refused(smollm2, tmp_path):
+    store = ActivationStore.create(tmp_path / "s", _meta(smollm2))
+    with pytest.raises(GLPError, match="split: store has 'train', extraction asks 'val'"):
+        extract_to_store(Extractor(smollm2, [LAYER]), fortune_corpus(["riddles"]), store, 10,
+                         split="val", progress=False)
+    assert len(store) == 0

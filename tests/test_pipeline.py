@@ -400,3 +400,21 @@ def test_bad_inputs_raise_clear_errors(store, multi_store, tmp_path):
         build_pipeline(PipelineConfig(store=[store, store], mode="follow"), 0, 1)
     with pytest.raises(ConfigError, match="drop_remainder"):
         build_pipeline(PipelineConfig(store=store, batch_size=10, drop_remainder=False), 0, 2)
+
+
+def test_follow_ends_when_the_extraction_reached_its_target(tmp_path):
+    """An extraction stopped by --max-tokens marks target_reached: followers finish the
+    last partial block instead of waiting for rows that never come."""
+    from glp_jax.data.pipeline import PipelineConfig, build_pipeline
+    from glp_jax.data.store import ActivationStore, StoreMeta
+
+    s = ActivationStore.create(tmp_path / "s", StoreMeta(model="m", layers=[0], d=4, shard_rows=512))
+    x = np.random.default_rng(0).standard_normal((1500, 4)).astype(np.float32)
+    s.append({0: x}, np.zeros(1500), np.zeros(1500), cursor={"target_reached": True})
+    pipe = build_pipeline(PipelineConfig(store=str(tmp_path / "s"), batch_size=64, mode="follow",
+                                         follow_timeout_s=5, follow_poll_s=0.05),
+                          process_index=0, process_count=1)
+    batches = list(pipe.make_iterator())
+    assert len(batches) == 16 + (1500 - 1024) // 64
+    rows = np.concatenate([b["index"] for b in batches])
+    assert len(set(rows.tolist())) == rows.size and rows.max() < 1500

@@ -528,6 +528,12 @@ def make_iterator(cfg: PipelineConfig, process_index: int | None = None,
 
 
 # ----------------------------------------------------------------------------- follow mode
+def _no_more_rows(store: ActivationStore) -> bool:
+    """The writer is done: the corpus ended, or it reached its --max-tokens target."""
+    cur = store.cursor
+    return bool(cur.get("exhausted") or cur.get("target_reached"))
+
+
 def _wait_for_block(store: ActivationStore, need: int, cfg: PipelineConfig, what: str) -> int:
     """Wait until `need` rows are committed; returns min(need, rows). Returns fewer only
     once the extraction has marked the store exhausted; raises after `follow_timeout_s`
@@ -535,7 +541,7 @@ def _wait_for_block(store: ActivationStore, need: int, cfg: PipelineConfig, what
     last_seq, last_change = store.commit_seq, time.monotonic()
     while True:
         rows = store.refresh()
-        if rows >= need or store.cursor.get("exhausted"):
+        if rows >= need or _no_more_rows(store):
             return min(need, rows)
         if store.commit_seq != last_seq:
             last_seq, last_change = store.commit_seq, time.monotonic()

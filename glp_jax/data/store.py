@@ -239,6 +239,9 @@ class ActivationStore:
                              f"Create one with `glp extract --out {url} ...`.")
         kv = ts.KvStore.open(kvstore_spec(url), context=context).result()
         raw = kv.read(META_KEY).result()
+        if raw.state != "value" and kv.read(COMMIT_KEY).result().state == "value":
+            raise StoreError(f"{url}: creating this store was interrupted ({COMMIT_KEY} but no "
+                             f"{META_KEY}); it holds no rows. Delete the folder and rerun.")
         if raw.state != "value":
             raise StoreError(f"{url} is not an activation store (no {META_KEY}). Point at the "
                              f"directory written by `glp extract`, or import original data with "

@@ -1,8 +1,10 @@
 """Residual-stream extraction from a causal LM into an ActivationStore.
 
-Hook point: the output of decoder layer k (== HF `hidden_states[k + 1]`). The forward
-stops right after the deepest requested layer (a hook raises `_StopForward`), so the rest
-of the model is never computed.
+Hook point: the output of decoder layer k, i.e. the residual stream after block k (== HF
+`hidden_states[k + 1]` for every layer but the last: HF applies the final norm to its last
+hidden state, while the store keeps the un-normalised residual stream there too). The
+forward stops right after the deepest requested layer (a hook raises `_StopForward`), so
+the rest of the model is never computed.
 
 Determinism and resume: documents are processed in fixed windows of `window_docs`
 documents (window w = split documents [w*W, (w+1)*W)), sorted by length inside the window
@@ -44,13 +46,21 @@ def document_separator_id(tokenizer) -> int:
     raise GLPError("tokenizer has no <|endoftext|>, BOS or EOS token to start documents with")
 
 
+def tokenizer_adds_bos(tokenizer) -> bool:
+    """True if encoding with special tokens puts a token in front (Llama's BOS)."""
+    probe = "a"
+    with_special = tokenizer(probe, add_special_tokens=True)["input_ids"]
+    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    return len(with_special) > len(plain) and with_special[-len(plain):] == plain
+
+
 def tokenize_documents(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
     """Token ids per document, starting with a BOS/separator, right-truncated to max_length."""
-    special = set(tokenizer.all_special_ids)
+    adds_bos = tokenizer_adds_bos(tokenizer)
     sep = document_separator_id(tokenizer)
     out = []
     for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]:
-        if not ids or ids[0] not in special:
+        if not adds_bos:
             ids = [sep, *ids]
         out.append(list(ids[:max_length]))
     return out
@@ -226,11 +236,24 @@ def extract_to_store(extractor: Extractor, corpus: Corpus | StreamingCorpus,
     from the store's cursor."""
     if max_tokens <= 0:
         raise GLPError(f"max_tokens must be positive, got {max_tokens}")
+    meta = store.meta
+    asked = {"split": split, "seed": corpus_seed, "token_policy": extractor.policy,
+             "max_length": extractor.max_length, "layers": extractor.layers}
+    have = {"split": meta.split, "seed": meta.seed, "token_policy": meta.token_policy,
+            "max_length": meta.max_length, "layers": sorted(meta.layers)}
+    diffs = [f"{k}: store has {have[k]!r}, extraction asks {v!r}" for k, v in asked.items()
+             if have[k] != v]
+    if meta.extra.get("val_docs", val_docs) != val_docs:
+        diffs.append(f"val_docs: store has {meta.extra.get('val_docs')!r}, extraction asks {val_docs!r}")
+    if diffs:
+        raise GLPError(f"extraction settings differ from store {store.url}:\n  " + "\n  ".join(diffs))
     if store.cursor.get("window_docs", window_docs) != window_docs:
         window_docs = store.cursor["window_docs"]  # resume with the batching that wrote it
     cursor = store.cursor or {"docs_done": 0, "doc_rows_done": 0}
     docs_done, doc_rows_done = cursor.get("docs_done", 0), cursor.get("doc_rows_done", 0)
     if cursor.get("exhausted"):
+        if len(store) == 0:
+            raise GLPError(f"corpus split {split!r} produced no storable tokens: nothing to extract")
         return ExtractResult(len(store), 0, docs_done, 0, 0.0, True)
     n0, t0 = len(store), time.perf_counter()
     pending: dict = {"acts": {k: [] for k in extractor.layers}, "tok": [], "doc": [], "n": 0}
@@ -272,7 +295,9 @@ def extract_to_store(extractor: Extractor, corpus: Corpus | StreamingCorpus,
                 pending["n"] += take
                 bar.update(take)
             if skip + take < len(toks):  # cut by max_tokens inside this document
-                flush({"docs_done": doc_i, "doc_rows_done": skip + take})
+                # target_reached tells followers (data_mode=follow) that no more rows come;
+                # a later run with a larger max_tokens continues from the cursor regardless.
+                flush({"docs_done": doc_i, "doc_rows_done": skip + take, "target_reached": True})
                 done = True
                 break
             docs_done, doc_rows_done = doc_i + 1, 0
@@ -290,7 +315,7 @@ def extract_to_store(extractor: Extractor, corpus: Corpus | StreamingCorpus,
             raise GLPError(f"corpus {getattr(corpus, 'name', corpus)} split {split!r} has no "
                            f"documents: nothing to extract")
     elif pending["n"]:
-        flush({"docs_done": docs_done, "doc_rows_done": 0})
+        flush({"docs_done": docs_done, "doc_rows_done": 0, "target_reached": True})
     bar.close()
     if len(store) == 0:
         raise GLPError(f"corpus split {split!r} produced no storable tokens (every document "
