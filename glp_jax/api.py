@@ -114,7 +114,6 @@ def _load_ours(run_dir: Path, step) -> LoadedGLP:
     from glp_jax.checkpoint import RunCheckpoints, abstract_with_shardings
     from glp_jax.config import TrainConfig, make_config
     from glp_jax.sharding import make_mesh, tree_shardings
-    from glp_jax.train import make_optimizer
 
     if not (run_dir / "run.json").exists():
         raise CheckpointError(f"{run_dir} is not a training run (no run.json) nor an original-"
@@ -140,12 +139,8 @@ def _load_ours(run_dir: Path, step) -> LoadedGLP:
     with jax.set_mesh(mesh):
         abstract = nnx.eval_shape(lambda: GLP(glp_cfg, rngs=nnx.Rngs(0)))
         graphdef, abs_params = nnx.split(abstract)
-        tx, _ = make_optimizer(cfg, cfg.total_steps)
-        abs_opt = jax.eval_shape(tx.init, abs_params)
-        target = abstract_with_shardings(
-            {"params": abs_params, "opt_state": abs_opt},
-            {"params": tree_shardings(abs_params, mesh), "opt_state": tree_shardings(abs_opt, mesh)})
-        state, _, _ = ckpt.restore(step_n, target)
+        params = ckpt.restore_params(
+            step_n, abstract_with_shardings(abs_params, tree_shardings(abs_params, mesh)))
     ckpt.close()
-    model = nnx.merge(graphdef, state["params"])
+    model = nnx.merge(graphdef, params)
     return LoadedGLP(model, normalizer, glp_cfg, list(resolved.get("layers", [])), str(run_dir), step_n)

@@ -73,6 +73,22 @@ class RunCheckpoints:
                 f"folder to resume from an earlier one, or start a new output_path.") from e
         return out.state, out.data, out.config
 
+    def restore_params(self, step: int, abstract_params: Any) -> Any:
+        """Only the parameters (partial restore): sampling needs no optimizer state."""
+        if step not in self.manager.all_steps():
+            raise CheckpointError(f"no complete checkpoint at step {step} in "
+                                  f"{self.manager.directory}; available: {self.all_steps()}")
+        item = {"params": abstract_params}
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                partial_restore=True)))
+        except (ValueError, KeyError, FileNotFoundError, OSError) as e:
+            raise CheckpointError(
+                f"checkpoint {self.manager.directory}/{step} is corrupt or from an incompatible "
+                f"model ({e.__class__.__name__}: {str(e).splitlines()[0][:300]})") from e
+        return out.state["params"]
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
