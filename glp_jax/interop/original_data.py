@@ -6,7 +6,9 @@ That format, per layer directory:
     data_indices.npy     a real .npy, uint64 [N, 3]: (file index, start, end) in elements
     rep_statistics.pt    torch pickle {"mean": [d], "var": [d]} float32 (first shard only)
     doc_buffer.json      optional: per-row document index
-`.pt` files are read only with `torch.load(weights_only=True)`: never unpickle untrusted data.
+The import recomputes float64 statistics over all rows (the `.pt` file holds the original's
+first-shard fp32 estimate), so rep_statistics.pt is not read here; the checkpoint loader
+reads such files only with `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
@@ -36,15 +38,6 @@ def find_layer_dir(src: Path) -> tuple[Path, int]:
         raise StoreError(f"{src} does not exist")
     raise StoreError(f"{src} is not an original-format dataset: expected data_indices.npy in it "
                      f"or in exactly one layer_XX/ subdirectory (found {len(layer_dirs)})")
-
-
-def read_rep_statistics(path: Path) -> dict[str, np.ndarray]:
-    import torch
-
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(obj, dict) or not {"mean", "var"} <= set(obj):
-        raise StoreError(f"{path} should hold a dict with 'mean' and 'var'")
-    return {k: obj[k].float().numpy().astype(np.float64) for k in ("mean", "var")}
 
 
 class OriginalReader:
