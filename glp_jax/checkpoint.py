@@ -12,7 +12,6 @@ a sharded abstract target, so a checkpoint saved on N devices restores on M.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -99,13 +98,3 @@ class RunCheckpoints:
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         tree, shardings)
-
-
-def read_saved_config(step_dir: Path) -> dict:
-    path = step_dir / "config" / "metadata"
-    if not path.exists():
-        cands = list((step_dir / "config").glob("*"))
-        if not cands:
-            raise CheckpointError(f"{step_dir} has no saved config; the checkpoint is partial")
-        path = cands[0]
-    return json.loads(path.read_text())

@@ -26,8 +26,8 @@ def _parse_layers(text: str | None, n_layers: int) -> list[int]:
 
 def cmd_extract(args) -> int:
     from glp_jax.data.corpus import open_corpus
-    from glp_jax.data.store import ActivationStore, StoreMeta
-    from glp_jax.llm.extract import Extractor, extract_to_store
+    from glp_jax.data.store import ActivationStore
+    from glp_jax.llm.extract import Extractor, extract_to_store, extraction_meta
     from glp_jax.llm.loading import load_causal_lm, load_config, resolve_model
 
     if args.max_tokens <= 0:
@@ -41,11 +41,10 @@ def cmd_extract(args) -> int:
                            f"layers (valid: 0..{n_layers - 1})")
     corpus = open_corpus(args.corpus)
     _, model_id = resolve_model(args.model)
-    meta = StoreMeta(model=model_id, layers=layers, d=int(cfg.hidden_size), dtype=args.dtype,
-                     tokenizer=model_id, corpus=corpus.name, split=args.split,
-                     token_policy=args.policy, tokens_per_doc=args.tokens_per_doc,
-                     max_length=args.max_length, seed=args.seed,
-                     extra={"val_docs": args.val_docs, "llm_dtype": args.llm_dtype})
+    meta = extraction_meta(model_id, layers, int(cfg.hidden_size), corpus.name, args.split,
+                           token_policy=args.policy, tokens_per_doc=args.tokens_per_doc,
+                           max_length=args.max_length, seed=args.seed, dtype=args.dtype,
+                           val_docs=args.val_docs, llm_dtype=args.llm_dtype)
     # Validate against an existing store before the (slow) weight load; a mismatch changes nothing.
     store = ActivationStore.open_or_create(args.out, meta)
     lm = load_causal_lm(args.model, dtype=args.llm_dtype, device=args.device)

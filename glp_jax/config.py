@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -241,7 +240,3 @@ def load_config(items: list[str], cls=TrainConfig):
         values.update(loaded)
     values.update(over)
     return make_config({k: expand_env(v) for k, v in values.items()}, cls)
-
-
-def save_config(cfg, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(dataclasses.asdict(cfg), indent=1))

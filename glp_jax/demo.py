@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from glp_jax.data.corpus import open_corpus
-from glp_jax.data.store import ActivationStore, StoreMeta
+from glp_jax.data.store import ActivationStore
 
 DEMO_ROOT = Path(os.environ.get("GLP_DEMO_ROOT", "runs/demo"))
 TRAIN_ROWS = int(os.environ.get("GLP_DEMO_TRAIN_ROWS", 120_000))
@@ -33,7 +33,7 @@ SWEEP_CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "cpu" / "sw
 
 def extract_demo_data(root: Path = DEMO_ROOT) -> dict[str, ActivationStore]:
     """Train and validation stores of SmolLM2 layer 14 on the fortune corpus."""
-    from glp_jax.llm.extract import Extractor, extract_to_store
+    from glp_jax.llm.extract import Extractor, extract_to_store, extraction_meta
     from glp_jax.llm.loading import load_causal_lm, middle_layer
 
     corpus = open_corpus("fortune")
@@ -47,9 +47,7 @@ def extract_demo_data(root: Path = DEMO_ROOT) -> dict[str, ActivationStore]:
                 continue
         lm = lm or load_causal_lm("smollm2")
         layer = middle_layer(lm.n_layers)
-        meta = StoreMeta(model=lm.model_id, layers=[layer], d=lm.d, tokenizer=lm.model_id,
-                         corpus=corpus.name, split=split, seed=42,
-                         extra={"val_docs": None, "llm_dtype": "float32"})
+        meta = extraction_meta(lm.model_id, [layer], lm.d, corpus.name, split)
         store = ActivationStore.open_or_create(path, meta)
         print(f"[demo] extracting {rows:,} {split} rows of layer {layer} -> {store.url}")
         extract_to_store(Extractor(lm, [layer]), corpus, store, rows, split=split)

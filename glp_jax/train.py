@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -273,12 +272,7 @@ def train(cfg: TrainConfig, mesh=None, stop_after_steps: int | None = None) -> d
             opt_state = jax.jit(tx.init, out_shardings=o_shard)(params)
         metrics = MetricsLog(run_dir / "metrics.jsonl", start, primary)
 
-        step_fn = jax.jit(make_train_step(graphdef, tx, accum=cfg.gradient_accumulation_steps,
-                                          compute_dtype=compute_dtype,
-                                          discrete=cfg.sigma_sampling == "discrete",
-                                          remat=cfg.remat_blocks),
-                          out_shardings=(p_shard, o_shard, replicated(mesh), replicated(mesh)),
-                          donate_argnums=(0, 1))
+        step_fn = jit_train_step(cfg, graphdef, tx, p_shard, o_shard, mesh)
         eval_fn, val = None, None
         if cfg.val_dataset:
             val = _validation_batch(cfg, pipe, normalizer, mesh)
@@ -446,10 +440,14 @@ def _validation_batch(cfg: TrainConfig, pipe: Pipeline, normalizer: Normalizer, 
     return x, layer
 
 
-def steps_for_budget(cfg: TrainConfig, glp_cfg: GLPConfig, compute: float) -> int:
-    """Steps that spend `compute` FLOPs (C = 6 N D) at this batch size."""
-    n = param_count(glp_cfg)
-    return max(1, math.ceil(compute / (6 * n * cfg.batch_size)))
+def jit_train_step(cfg: TrainConfig, graphdef, tx, p_shard, o_shard, mesh):
+    """The jitted step with the run's settings, output shardings and buffer donation."""
+    return jax.jit(make_train_step(graphdef, tx, accum=cfg.gradient_accumulation_steps,
+                                   compute_dtype=jnp.bfloat16 if cfg.use_bf16 else jnp.float32,
+                                   discrete=cfg.sigma_sampling == "discrete",
+                                   remat=cfg.remat_blocks),
+                   out_shardings=(p_shard, o_shard, replicated(mesh), replicated(mesh)),
+                   donate_argnums=(0, 1))
 
 
 def compile_step(cfg: TrainConfig, glp_cfg: GLPConfig, mesh=None) -> dict:
@@ -466,12 +464,7 @@ def compile_step(cfg: TrainConfig, glp_cfg: GLPConfig, mesh=None) -> dict:
         x = jax.ShapeDtypeStruct((cfg.batch_size, glp_cfg.d_input), jnp.float32, sharding=batch_sh)
         layer = (jax.ShapeDtypeStruct((cfg.batch_size,), jnp.int32, sharding=batch_sh)
                  if glp_cfg.is_multi_layer else None)
-        step_fn = jax.jit(make_train_step(graphdef, tx, accum=cfg.gradient_accumulation_steps,
-                                          compute_dtype=jnp.bfloat16 if cfg.use_bf16 else jnp.float32,
-                                          discrete=cfg.sigma_sampling == "discrete",
-                                          remat=cfg.remat_blocks),
-                          out_shardings=(p_shard, o_shard, replicated(mesh), replicated(mesh)),
-                          donate_argnums=(0, 1))
+        step_fn = jit_train_step(cfg, graphdef, tx, p_shard, o_shard, mesh)
         t0 = time.perf_counter()
         compiled = step_fn.lower(abstract_with_shardings(abs_params, p_shard),
                                  abstract_with_shardings(abs_opt, o_shard), x, layer,

@@ -24,7 +24,6 @@ import dataclasses
 import io
 import json
 import os
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -380,11 +379,7 @@ class ActivationStore:
         """Rows `idx` (any order, repeats allowed) as float32 [B, d]; one tensorstore read."""
         idx = np.asarray(idx, np.int64).reshape(-1)
         self._check_indices(idx)
-        arr = self._acts[self._layer(layer)]
-        if idx.size and (np.diff(idx) > 0).all():  # already sorted and unique: no reorder copy
-            return np.asarray(arr.oindex[idx].read().result(), np.float32)
-        uniq, inverse = np.unique(idx, return_inverse=True)  # sorted reads are much faster
-        return np.asarray(arr.oindex[uniq].read().result(), np.float32)[inverse]
+        return _read_indexed(self._acts[self._layer(layer)], idx).astype(np.float32, copy=False)
 
     def read_range(self, start: int, stop: int, layer: int | None = None) -> np.ndarray:
         stop = min(stop, len(self))
@@ -408,8 +403,7 @@ class ActivationStore:
             return np.asarray(arr[: len(self)].read().result())
         idx = np.asarray(idx, np.int64).reshape(-1)
         self._check_indices(idx)
-        uniq, inverse = np.unique(idx, return_inverse=True)
-        return np.asarray(arr.oindex[uniq].read().result())[inverse]
+        return _read_indexed(arr, idx)
 
     # ----------------------------------------------------------------- summary
     def size_on_disk(self) -> int | None:
@@ -443,11 +437,9 @@ def _holds_store(url: str) -> bool:
     return bool(kv.list().result())
 
 
-def wait_for_rows(store: ActivationStore, min_rows: int, timeout_s: float, poll_s: float = 0.5) -> int:
-    """Block until the store has at least `min_rows` committed rows (follow mode)."""
-    deadline = time.monotonic() + timeout_s
-    while store.refresh() < min_rows:
-        if time.monotonic() > deadline:
-            break
-        time.sleep(poll_s)
-    return len(store)
+def _read_indexed(arr, idx: np.ndarray) -> np.ndarray:
+    """One tensorstore read of rows `idx` (any order, repeats allowed), in idx order."""
+    if idx.size and (np.diff(idx) > 0).all():  # already sorted and unique: no reorder copy
+        return np.asarray(arr.oindex[idx].read().result())
+    uniq, inverse = np.unique(idx, return_inverse=True)  # sorted reads are much faster
+    return np.asarray(arr.oindex[uniq].read().result())[inverse]

@@ -331,11 +331,12 @@ def _progress(enabled: bool, total: int, initial: int):
                 desc="extract", dynamic_ncols=True, smoothing=0.1)
 
 
-def store_meta_for(lm: LoadedLM, layers: list[int], corpus_name: str, split: str,
-                   token_policy: str, tokens_per_doc: int, max_length: int, seed: int,
-                   dtype: str = "bfloat16", val_docs: int | None = None) -> StoreMeta:
-    return StoreMeta(model=lm.model_id, layers=list(layers), d=lm.d, dtype=dtype,
-                     tokenizer=lm.model_id,
+def extraction_meta(model_id: str, layers: list[int], d: int, corpus_name: str, split: str,
+                    *, token_policy: str = "all", tokens_per_doc: int = 0, max_length: int = 2048,
+                    seed: int = 42, dtype: str = "bfloat16", val_docs: int | None = None,
+                    llm_dtype: str = "float32") -> StoreMeta:
+    """The identity of an extraction store: what a resume must match (see StoreMeta)."""
+    return StoreMeta(model=model_id, layers=list(layers), d=d, dtype=dtype, tokenizer=model_id,
                      corpus=corpus_name, split=split, token_policy=token_policy,
                      tokens_per_doc=tokens_per_doc, max_length=max_length, seed=seed,
-                     extra={"val_docs": val_docs})
+                     extra={"val_docs": val_docs, "llm_dtype": llm_dtype})
