@@ -20,10 +20,11 @@ import time
 import numpy as np
 import torch
 
+from glp_jax.config import ExtractConfig
 from glp_jax.data.corpus import fortune_corpus
 from glp_jax.data.store import ActivationStore, StoreMeta
 from glp_jax.llm.extract import Extractor, TruncatedForward, pack_batches, tokenize_documents
-from glp_jax.llm.loading import load_causal_lm, middle_layer
+from glp_jax.llm.loading import load_causal_lm
 
 
 def padded_batches(lm, docs, max_length, batch_tokens):
@@ -47,11 +48,12 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     lm = load_causal_lm("smollm2")
-    layer = middle_layer(lm.n_layers)
+    cfg = ExtractConfig(batch_tokens=args.batch_tokens).for_model(lm.n_layers)
+    layer = cfg.layers[0]
     docs = fortune_corpus().split("train", seed=42)[: args.windows * args.window_docs]
     windows = [docs[i: i + args.window_docs] for i in range(0, len(docs), args.window_docs)]
     bare = TruncatedForward(lm.model, [layer])
-    ex = Extractor(lm, [layer], batch_tokens=args.batch_tokens)
+    ex = Extractor(lm, cfg)
     tmp = tempfile.mkdtemp()
     store = ActivationStore.create(f"{tmp}/s", StoreMeta(model=lm.model_id, layers=[layer], d=lm.d))
     secs = {"bare": 0.0, "extract": 0.0, "naive": 0.0}

@@ -1,6 +1,8 @@
 """glp_jax: generative meta-models of LLM activations in JAX."""
 
-__version__ = "0.1.0"
+from glp_jax.version import __version__
+
+__all__ = ["__version__", "load"]
 
 
 def load(run_dir, step="latest"):

@@ -7,9 +7,6 @@ checkpoints load the same way.
 
 from __future__ import annotations
 
-import dataclasses
-import io
-import json
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -21,7 +18,7 @@ from flax import nnx
 
 from glp_jax import flow
 from glp_jax.errors import CheckpointError
-from glp_jax.model import GLP, GLPConfig, Normalizer
+from glp_jax.model import GLP, GLPConfig, Normalizer, abstract_glp
 
 
 @dataclass
@@ -112,33 +109,25 @@ def load(run_dir: str | Path, step: int | str = "latest") -> LoadedGLP:
 
 def _load_ours(run_dir: Path, step) -> LoadedGLP:
     from glp_jax.checkpoint import RunCheckpoints, abstract_with_shardings
-    from glp_jax.config import TrainConfig, make_config
+    from glp_jax.rundir import RunDir
     from glp_jax.sharding import make_mesh, tree_shardings
 
-    if not (run_dir / "run.json").exists():
+    run = RunDir(run_dir)
+    if not run.started():
         raise CheckpointError(f"{run_dir} is not a training run (no run.json) nor an original-"
                               f"format folder (no config.yaml)")
-    resolved = json.loads((run_dir / "run.json").read_text())
+    resolved = run.resolved()
     glp_cfg = GLPConfig.from_dict(resolved["glp"]).resolved()
-    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"layers"}
-    train_keys = {k: v for k, v in resolved.items() if k in fields}
-    cfg = make_config(train_keys)
-    stats = np.load(io.BytesIO((run_dir / "normalizer.npz").read_bytes()))
-    normalizer = Normalizer(mean=jnp.asarray(stats["mean"]), var=jnp.asarray(stats["var"]),
-                            std=jnp.asarray(stats["std"]))
+    normalizer = run.normalizer()
     ckpt = RunCheckpoints(run_dir, async_save=False, keep_last_n=10**9)
-    if step == "latest":
+    step_n = run.step_of(step)
+    if step_n is None:
         step_n = ckpt.latest_step()
         if step_n is None:
             raise CheckpointError(f"{run_dir} has no complete checkpoint yet")
-    elif isinstance(step, str) and step.startswith("epoch_"):
-        step_n = int(step.split("_")[1]) * cfg.epoch_size // cfg.batch_size
-    else:
-        step_n = int(step)
     mesh = make_mesh(-1, 1)
     with jax.set_mesh(mesh):
-        abstract = nnx.eval_shape(lambda: GLP(glp_cfg, rngs=nnx.Rngs(0)))
-        graphdef, abs_params = nnx.split(abstract)
+        graphdef, abs_params = nnx.split(abstract_glp(glp_cfg))
         params = ckpt.restore_params(
             step_n, abstract_with_shardings(abs_params, tree_shardings(abs_params, mesh)))
     ckpt.close()

@@ -11,11 +11,9 @@ from pathlib import Path
 from glp_jax.errors import GLPError
 
 
-def _parse_layers(text: str | None, n_layers: int) -> list[int]:
-    from glp_jax.llm.loading import middle_layer
-
+def _parse_layers(text: str | None, n_layers: int) -> list[int] | None:
     if text in (None, "", "middle"):
-        return [middle_layer(n_layers)]
+        return None  # ExtractConfig's default: the middle layer
     if text == "all":
         return list(range(n_layers))
     try:
@@ -25,6 +23,7 @@ def _parse_layers(text: str | None, n_layers: int) -> list[int]:
 
 
 def cmd_extract(args) -> int:
+    from glp_jax.config import ExtractConfig
     from glp_jax.data.corpus import open_corpus
     from glp_jax.data.store import ActivationStore
     from glp_jax.llm.extract import Extractor, extract_to_store, extraction_meta
@@ -32,31 +31,24 @@ def cmd_extract(args) -> int:
 
     if args.max_tokens <= 0:
         raise GLPError(f"--max-tokens must be positive, got {args.max_tokens}")
-    cfg = load_config(args.model)
-    n_layers = int(cfg.num_hidden_layers)
-    layers = _parse_layers(args.layers, n_layers)
-    for k in layers:
-        if not 0 <= k < n_layers:
-            raise GLPError(f"layer {k} is out of range for {args.model} with {n_layers} decoder "
-                           f"layers (valid: 0..{n_layers - 1})")
-    corpus = open_corpus(args.corpus)
-    _, model_id = resolve_model(args.model)
-    meta = extraction_meta(model_id, layers, int(cfg.hidden_size), corpus.name, args.split,
-                           token_policy=args.policy, tokens_per_doc=args.tokens_per_doc,
-                           max_length=args.max_length, seed=args.seed, dtype=args.dtype,
-                           val_docs=args.val_docs, llm_dtype=args.llm_dtype)
+    llm_cfg = load_config(args.model)
+    n_layers = int(llm_cfg.num_hidden_layers)
+    cfg = ExtractConfig(
+        model=args.model, layers=_parse_layers(args.layers, n_layers), corpus=args.corpus,
+        split=args.split, val_docs=args.val_docs, seed=args.seed, token_policy=args.policy,
+        tokens_per_doc=args.tokens_per_doc, max_length=args.max_length, dtype=args.dtype,
+        llm_dtype=args.llm_dtype, device=args.device, batch_tokens=args.batch_tokens,
+        window_docs=args.window_docs, flush_rows=args.flush_rows).for_model(n_layers)
+    corpus = open_corpus(cfg.corpus)
+    _, model_id = resolve_model(cfg.model)
+    meta = extraction_meta(cfg, model_id, int(llm_cfg.hidden_size), corpus.name)
     # Validate against an existing store before the (slow) weight load; a mismatch changes nothing.
     store = ActivationStore.open_or_create(args.out, meta)
-    lm = load_causal_lm(args.model, dtype=args.llm_dtype, device=args.device)
-    extractor = Extractor(lm, layers, max_length=args.max_length, token_policy=args.policy,
-                          tokens_per_doc=args.tokens_per_doc, seed=args.seed,
-                          batch_tokens=args.batch_tokens, device=args.device)
-    res = extract_to_store(extractor, corpus, store, args.max_tokens, split=args.split,
-                           corpus_seed=args.seed, val_docs=args.val_docs,
-                           window_docs=args.window_docs, flush_rows=args.flush_rows,
+    lm = load_causal_lm(cfg.model, dtype=cfg.llm_dtype, device=cfg.device)
+    res = extract_to_store(Extractor(lm, cfg), corpus, store, args.max_tokens,
                            progress=not args.quiet)
     rate = res.tokens_run / res.seconds if res.seconds else 0.0
-    print(f"store {args.out}: {res.rows} rows (+{res.rows_added}), layers {layers}, "
+    print(f"store {args.out}: {res.rows} rows (+{res.rows_added}), layers {cfg.layers}, "
           f"d={meta.d}, {res.docs_done} documents done, {rate:.0f} tokens/s")
     return 0
 
@@ -124,19 +116,14 @@ def cmd_sample(args) -> int:
 
 
 def cmd_model_info(args) -> int:
-    from glp_jax.config import parse_overrides
-    from glp_jax.model import model_info
+    from glp_jax.config import load_config, parse_overrides
+    from glp_jax.model import GLP_CONFIG_KEYS, model_info
 
     over = parse_overrides(args.overrides)
-    if "config" in over:
-        import yaml
-
-        from glp_jax.model import GLPConfig
-
-        loaded = yaml.safe_load(open(over.pop("config"))) or {}
-        keys = {"d_input", "d_model", "d_mlp", "n_layers", "multi_layer_n_layers"}
-        over = {**{k: v for k, v in loaded.items() if k in keys and v is not None}, **over}
-        assert GLPConfig  # keys validated by model_info
+    if "config" in over:  # the model keys of a training config (parsed and checked as training does)
+        cfg = load_config([f"config={over.pop('config')}"])
+        base = {k: getattr(cfg, k) for k in GLP_CONFIG_KEYS if getattr(cfg, k) is not None}
+        over = {**base, **over}
     info = model_info(over)
     print(f"params: {info['params']}")
     print(f"widths: d_input={info['d_input']} d_model={info['d_model']} d_mlp={info['d_mlp']} "
@@ -151,15 +138,15 @@ def cmd_config_check(args) -> int:
 
     from glp_jax.config import load_config
     from glp_jax.model import GLPConfig, param_count
-    from glp_jax.train import compile_step
+    from glp_jax.train import compile_step, glp_config_for
 
     cfg = load_config(args.overrides)
     if cfg.d_input is None:
         from glp_jax.data.store import ActivationStore
 
         cfg = dataclasses.replace(cfg, d_input=ActivationStore.open(cfg.train_dataset).d)
-    glp_cfg = GLPConfig(d_input=cfg.d_input, d_model=cfg.d_model, d_mlp=cfg.d_mlp,
-                        n_layers=cfg.n_layers, multi_layer_n_layers=cfg.multi_layer_n_layers).resolved()
+    n_store_layers = len(cfg.layers) if cfg.layers else 1
+    glp_cfg = glp_config_for(cfg, cfg.d_input, n_store_layers)
     n = param_count(glp_cfg)
     acts = cfg.total_steps * cfg.batch_size
     print(f"ok: {glp_cfg}")
@@ -250,29 +237,31 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from glp_jax.config import STORE_DTYPES, TOKEN_POLICIES, ExtractConfig
+
     p = argparse.ArgumentParser(prog="glp", description="Generative meta-models of LLM activations")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     e = sub.add_parser("extract", help="extract residual-stream activations into a store")
-    e.add_argument("--model", default="smollm2", help="HF id, local dir, or smollm2 (embedded)")
+    xd = ExtractConfig()  # the one place extraction defaults live
+    e.add_argument("--model", default=xd.model, help="HF id, local dir, or smollm2 (embedded)")
     e.add_argument("--layers", default="middle", help="e.g. 14 or 3,7,14 or middle or all")
-    e.add_argument("--corpus", default="fortune", help="fortune, a .txt/.jsonl/.parquet, hf:NAME")
-    e.add_argument("--split", default="train", choices=["train", "val", "all"])
-    e.add_argument("--val-docs", type=int, default=None,
+    e.add_argument("--corpus", default=xd.corpus, help="fortune, a .txt/.jsonl/.parquet, hf:NAME")
+    e.add_argument("--split", default=xd.split, choices=["train", "val", "all"])
+    e.add_argument("--val-docs", type=int, default=xd.val_docs,
                    help="held-out documents (default min(10000, 10%% of the corpus))")
     e.add_argument("--max-tokens", type=int, required=True, help="rows to store in total")
     e.add_argument("--out", required=True, help="store path or kvstore URL")
-    e.add_argument("--policy", default="all", choices=["all", "last", "k"])
-    e.add_argument("--tokens-per-doc", type=int, default=0, help="k for --policy k")
-    e.add_argument("--max-length", type=int, default=2048)
-    e.add_argument("--seed", type=int, default=42, help="document permutation and policy seed")
-    e.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
-                   help="storage dtype")
-    e.add_argument("--llm-dtype", default="float32", choices=["float32", "bfloat16"])
-    e.add_argument("--device", default="cpu")
-    e.add_argument("--batch-tokens", type=int, default=8192)
-    e.add_argument("--window-docs", type=int, default=64)
-    e.add_argument("--flush-rows", type=int, default=8192)
+    e.add_argument("--policy", default=xd.token_policy, choices=list(TOKEN_POLICIES))
+    e.add_argument("--tokens-per-doc", type=int, default=xd.tokens_per_doc, help="k for --policy k")
+    e.add_argument("--max-length", type=int, default=xd.max_length)
+    e.add_argument("--seed", type=int, default=xd.seed, help="document permutation and policy seed")
+    e.add_argument("--dtype", default=xd.dtype, choices=list(STORE_DTYPES), help="storage dtype")
+    e.add_argument("--llm-dtype", default=xd.llm_dtype, choices=["float32", "bfloat16"])
+    e.add_argument("--device", default=xd.device)
+    e.add_argument("--batch-tokens", type=int, default=xd.batch_tokens)
+    e.add_argument("--window-docs", type=int, default=xd.window_docs)
+    e.add_argument("--flush-rows", type=int, default=xd.flush_rows)
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(fn=cmd_extract)
 

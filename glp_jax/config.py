@@ -135,6 +135,59 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+def middle_layer(n_layers: int) -> int:
+    """The original's "middlemost" layer: n_layers//2 - 1 (7 for Llama-1B, 14 for SmolLM2)."""
+    return n_layers // 2 - 1
+
+
+TOKEN_POLICIES = ("all", "last", "k")
+STORE_DTYPES = ("bfloat16", "float32")
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """What an extraction computes and stores; built once (CLI, demo, scripts) and handed to
+    `extraction_meta`, `Extractor` and `extract_to_store`, so they cannot disagree."""
+
+    model: str = "smollm2"  # HF id, local dir, or smollm2 (embedded)
+    layers: list[int] | None = None  # decoder layers; None = the middle layer
+    corpus: str = "fortune"
+    split: str = "train"  # train | val | all
+    val_docs: int | None = None  # held-out documents (None: min(10000, 10% of the corpus))
+    seed: int = 42  # document permutation and per-document token choice (policy k)
+    token_policy: str = "all"  # all | last | k
+    tokens_per_doc: int = 0  # k for policy k
+    max_length: int = 2048
+    dtype: str = "bfloat16"  # storage dtype
+    llm_dtype: str = "float32"
+    device: str = "cpu"
+    batch_tokens: int = 8192
+    window_docs: int = 64  # documents per deterministic window (resume granularity)
+    flush_rows: int = 8192  # rows buffered before a commit
+
+    def __post_init__(self):
+        if self.token_policy not in TOKEN_POLICIES:
+            raise ConfigError(f"unknown token policy {self.token_policy!r}; use one of "
+                              f"{TOKEN_POLICIES}")
+        if self.token_policy == "k" and self.tokens_per_doc <= 0:
+            raise ConfigError("token policy 'k' needs tokens_per_doc > 0")
+        if self.split not in ("train", "val", "all"):
+            raise ConfigError(f"split must be train, val or all, got {self.split!r}")
+        if self.dtype not in STORE_DTYPES:
+            raise ConfigError(f"dtype must be one of {STORE_DTYPES}, got {self.dtype!r}")
+        if self.max_length < 2:
+            raise ConfigError(f"max_length must be >= 2, got {self.max_length}")
+
+    def for_model(self, n_layers: int) -> ExtractConfig:
+        """Layers resolved (None -> middle) and checked against the LLM's decoder layers."""
+        layers = [middle_layer(n_layers)] if self.layers is None else sorted(int(k) for k in self.layers)
+        for k in layers:
+            if not 0 <= k < n_layers:
+                raise ConfigError(f"layer {k} is out of range for {self.model} with {n_layers} "
+                                  f"decoder layers (valid: 0..{n_layers - 1})")
+        return dataclasses.replace(self, layers=layers)
+
+
 def _number(name: str, value: Any, kind: str):
     if isinstance(value, bool):
         raise ConfigError(f"{name} must be a number, got {value!r}")
@@ -226,14 +279,33 @@ def expand_env(value: Any) -> Any:
     return value
 
 
+SOURCE_ROOT = Path(__file__).resolve().parents[1]  # the checkout (source or editable install)
+
+
+def find_config_file(path: str | Path) -> Path:
+    """`config=PATH`: as given (absolute or relative to the working directory), else under
+    $GLP_CONFIG_DIR, else under the source checkout (so `config=experiments/cpu/sweep.yaml`
+    works from any directory with an editable install)."""
+    given = Path(path)
+    candidates = [given]
+    if not given.is_absolute():
+        if os.environ.get("GLP_CONFIG_DIR"):
+            candidates.append(Path(os.environ["GLP_CONFIG_DIR"]) / given)
+        candidates.append(SOURCE_ROOT / given)
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise ConfigError(f"config file {path} not found (looked in: "
+                      f"{', '.join(str(c) for c in candidates)}); pass an existing YAML path or "
+                      f"set GLP_CONFIG_DIR to the folder holding experiments/")
+
+
 def load_config(items: list[str], cls=TrainConfig):
     """`config=FILE.yaml` (optional, first) plus `key=value` overrides."""
     over = parse_overrides(items)
     values: dict[str, Any] = {}
     if "config" in over:
-        path = Path(over.pop("config"))
-        if not path.exists():
-            raise ConfigError(f"config file {path} not found")
+        path = find_config_file(over.pop("config"))
         loaded = yaml.safe_load(path.read_text()) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path} must hold a mapping of config keys")

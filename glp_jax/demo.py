@@ -28,15 +28,16 @@ VAL_ROWS = int(os.environ.get("GLP_DEMO_VAL_ROWS", 8_000))
 DEPTHS = tuple(int(x) for x in os.environ.get("GLP_DEMO_DEPTHS", "1 2 4 8").split())
 BUDGET = int(float(os.environ.get("GLP_DEMO_ACTIVATIONS", 614_400)))
 SAMPLES = int(os.environ.get("GLP_DEMO_SAMPLES", 4000))
-SWEEP_CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "cpu" / "sweep.yaml"
+SWEEP_CONFIG = "experiments/cpu/sweep.yaml"  # resolved like any config= (config.find_config_file)
 
 
 def extract_demo_data(root: Path = DEMO_ROOT) -> dict[str, ActivationStore]:
     """Train and validation stores of SmolLM2 layer 14 on the fortune corpus."""
+    from glp_jax.config import ExtractConfig
     from glp_jax.llm.extract import Extractor, extract_to_store, extraction_meta
-    from glp_jax.llm.loading import load_causal_lm, middle_layer
+    from glp_jax.llm.loading import load_causal_lm
 
-    corpus = open_corpus("fortune")
+    corpus = open_corpus(ExtractConfig.corpus)
     stores, lm = {}, None
     for split, rows in (("train", TRAIN_ROWS), ("val", VAL_ROWS)):
         path = root / f"acts_{split}"
@@ -45,12 +46,12 @@ def extract_demo_data(root: Path = DEMO_ROOT) -> dict[str, ActivationStore]:
             if len(store) >= rows or store.cursor.get("exhausted"):
                 stores[split] = store
                 continue
-        lm = lm or load_causal_lm("smollm2")
-        layer = middle_layer(lm.n_layers)
-        meta = extraction_meta(lm.model_id, [layer], lm.d, corpus.name, split)
-        store = ActivationStore.open_or_create(path, meta)
-        print(f"[demo] extracting {rows:,} {split} rows of layer {layer} -> {store.url}")
-        extract_to_store(Extractor(lm, [layer]), corpus, store, rows, split=split)
+        lm = lm or load_causal_lm(ExtractConfig.model)
+        cfg = ExtractConfig(split=split).for_model(lm.n_layers)
+        store = ActivationStore.open_or_create(path, extraction_meta(cfg, lm.model_id, lm.d,
+                                                                     corpus.name))
+        print(f"[demo] extracting {rows:,} {split} rows of layer {cfg.layers[0]} -> {store.url}")
+        extract_to_store(Extractor(lm, cfg), corpus, store, rows)
         stores[split] = store
     return stores
 

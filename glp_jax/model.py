@@ -284,6 +284,9 @@ class GLP(nnx.Module):
 # ---------------------------------------------------------------------------- sizes
 
 
+GLP_CONFIG_KEYS = tuple(f.name for f in dataclasses.fields(GLPConfig))
+
+
 def abstract_glp(cfg: GLPConfig, param_dtype=jnp.float32) -> GLP:
     """A GLP whose params are ShapeDtypeStructs: shapes without allocating anything."""
     return nnx.eval_shape(lambda: GLP(cfg, rngs=nnx.Rngs(0), param_dtype=param_dtype))

@@ -7,12 +7,12 @@ interrupted one resumes from its checkpoint.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from glp_jax.config import load_config
-from glp_jax.train import parse_metrics_line, train
+from glp_jax.rundir import RunDir
+from glp_jax.train import train
 
 
 @dataclass(frozen=True)
@@ -32,17 +32,6 @@ def run_name(depth: int, budget: int, seed: int) -> str:
     return f"d{depth}-a{budget}-s{seed}"
 
 
-def run_finished(run_dir: Path) -> bool:
-    """True when the run's metrics reach its configured number of steps."""
-    metrics, cfg_path = run_dir / "metrics.jsonl", run_dir / "config.json"
-    if not (metrics.exists() and cfg_path.exists()):
-        return False
-    cfg = json.loads(cfg_path.read_text())
-    rows = [r for ln in metrics.read_text().splitlines() if (r := parse_metrics_line(ln)) is not None]
-    steps = cfg.get("num_steps") or max(1, cfg["num_activations"] // cfg["batch_size"])
-    return bool(rows) and rows[-1].get("step") == steps
-
-
 def run_local_sweep(overrides: list[str], plan: SweepPlan, root: str | Path,
                     progress: bool = True) -> list[Path]:
     """Train every run of `plan` with the base `overrides` (config=FILE key=value ...)."""
@@ -51,7 +40,7 @@ def run_local_sweep(overrides: list[str], plan: SweepPlan, root: str | Path,
     for depth, budget, seed in plan.runs():
         out = root / run_name(depth, budget, seed)
         dirs.append(out)
-        if run_finished(out):
+        if RunDir(out).finished():
             continue
         cfg = load_config([*overrides, f"n_layers={depth}", "num_steps=null",
                            f"num_activations={budget}", f"seed={seed}", f"output_path={out}",

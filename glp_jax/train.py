@@ -9,13 +9,11 @@ optimizer state, data-iterator state) reproduces the uninterrupted loss trajecto
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,13 +22,21 @@ import optax
 from flax import nnx
 
 from glp_jax import flow
-from glp_jax.checkpoint import RunCheckpoints, abstract_with_shardings, run_path
+from glp_jax.checkpoint import RunCheckpoints, abstract_with_shardings
 from glp_jax.config import TrainConfig
 from glp_jax.data.pipeline import Pipeline, PipelineConfig, build_pipeline
 from glp_jax.data.store import ActivationStore
 from glp_jax.errors import ConfigError, GLPError
-from glp_jax.model import GLP, GLPConfig, Normalizer, matmul_flops_per_example, param_count
-from glp_jax.sharding import global_batch, make_mesh, replicated, tree_shardings
+from glp_jax.model import (
+    GLP,
+    GLPConfig,
+    Normalizer,
+    abstract_glp,
+    matmul_flops_per_example,
+    param_count,
+)
+from glp_jax.rundir import RunDir, epoch_step, jsonable
+from glp_jax.sharding import batch_sharding, global_batch, make_mesh, replicated, tree_shardings
 
 
 class TrainingDivergedError(GLPError):
@@ -152,8 +158,7 @@ def normalizer_from_pipeline(pipe: Pipeline) -> Normalizer:
 
 def init_params(glp_cfg: GLPConfig, seed: int, mesh):
     """Sharded fp32 parameters (created directly in their shards under jit)."""
-    abstract = nnx.eval_shape(lambda: GLP(glp_cfg, rngs=nnx.Rngs(seed)))
-    graphdef, abstract_params = nnx.split(abstract)
+    graphdef, abstract_params = nnx.split(abstract_glp(glp_cfg))
     shardings = tree_shardings(abstract_params, mesh)
 
     @jax.jit
@@ -177,37 +182,6 @@ class RunInfo:
     processes: int
 
 
-def parse_metrics_line(line: str) -> dict | None:
-    """A metrics row, or None for a blank or torn line (a writer killed mid-line)."""
-    try:
-        return json.loads(line) if line.strip() else None
-    except json.JSONDecodeError:
-        return None
-
-
-class MetricsLog:
-    """metrics.jsonl; on resume, lines past the restored step are dropped (they are redone)."""
-
-    def __init__(self, path, resume_step: int, primary: bool):
-        self.path, self.primary = path, primary
-        self.lines: list[str] = []
-        if primary and path.exists():
-            self.lines = [ln for ln in path.read_text().splitlines()
-                          if (row := parse_metrics_line(ln)) is not None and row.get("step", 0) <= resume_step]
-            path.write_text("".join(ln + "\n" for ln in self.lines))
-
-    def write(self, row: dict) -> None:
-        if not self.primary:
-            return
-        line = json.dumps(row)
-        self.lines.append(line)
-        if "://" in str(self.path):  # object stores cannot append: rewrite (the file is small)
-            self.path.write_text("".join(ln + "\n" for ln in self.lines))
-        else:
-            with open(self.path, "a") as f:
-                f.write(line + "\n")
-
-
 # ----------------------------------------------------------------------------- the loop
 def train(cfg: TrainConfig, mesh=None, stop_after_steps: int | None = None) -> dict:
     """Train (or resume) the run in cfg.output_path. Returns the final metrics row.
@@ -229,14 +203,13 @@ def train(cfg: TrainConfig, mesh=None, stop_after_steps: int | None = None) -> d
     multi = len(pipe.layers) > 1
     glp_cfg = glp_config_for(cfg, pipe.d, len(pipe.layers))
     normalizer = normalizer_from_pipeline(pipe)
-    run_dir = run_path(cfg.output_path)
+    run = RunDir(cfg.output_path)
+    run_dir = run.path
     primary = jax.process_index() == 0
-    if primary:
-        run_dir.mkdir(parents=True, exist_ok=True)
     compute_dtype = jnp.bfloat16 if cfg.use_bf16 else jnp.float32
 
     with jax.set_mesh(mesh):
-        graphdef, abs_params = nnx.split(nnx.eval_shape(lambda: GLP(glp_cfg, rngs=nnx.Rngs(0))))
+        graphdef, abs_params = nnx.split(abstract_glp(glp_cfg))
         tx, schedule = make_optimizer(cfg, total)
         abs_opt = jax.eval_shape(tx.init, abs_params)
         p_shard, o_shard = tree_shardings(abs_params, mesh), tree_shardings(abs_opt, mesh)
@@ -246,17 +219,13 @@ def train(cfg: TrainConfig, mesh=None, stop_after_steps: int | None = None) -> d
                        jax.devices()[0].device_kind, jax.process_count())
         resolved = {**cfg.to_dict(), "glp": glp_cfg.to_dict(), "layers": pipe.layers,
                     "train_rows": pipe.rows, "run": dataclasses.asdict(info)}
-        if (run_dir / "run.json").exists():
-            check_resumable(json.loads((run_dir / "run.json").read_text()), resolved, run_dir)
+        if run.started():
+            run.check_resumable(resolved)
         elif primary:
-            buf = io.BytesIO()
-            np.savez(buf, mean=np.asarray(normalizer.mean), var=np.asarray(normalizer.var),
-                     std=np.asarray(normalizer.std), layers=np.asarray(pipe.layers))
-            _write_atomic(run_dir / "normalizer.npz", buf.getvalue())
-            _write_atomic(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1).encode())
-            _write_atomic(run_dir / "run.json", json.dumps(resolved, indent=1).encode())
+            run.write_start(cfg.to_dict(), resolved, normalizer, pipe.layers)
 
-        epoch_steps = {e * cfg.epoch_size // cfg.batch_size: e for e in cfg.epoch_checkpoints()}
+        epoch_steps = {epoch_step(e, cfg.epoch_size, cfg.batch_size): e
+                       for e in cfg.epoch_checkpoints()}
         ckpt = RunCheckpoints(run_dir, cfg.keep_last_n, cfg.async_checkpointing,
                               keep_steps=sorted(epoch_steps))
         it = pipe.make_iterator()
@@ -270,7 +239,7 @@ def train(cfg: TrainConfig, mesh=None, stop_after_steps: int | None = None) -> d
         else:
             params = init_params(glp_cfg, cfg.seed, mesh)[1]
             opt_state = jax.jit(tx.init, out_shardings=o_shard)(params)
-        metrics = MetricsLog(run_dir / "metrics.jsonl", start, primary)
+        metrics = run.metrics_log(start, primary)
 
         step_fn = jit_train_step(cfg, graphdef, tx, p_shard, o_shard, mesh)
         eval_fn, val = None, None
@@ -367,46 +336,9 @@ def train(cfg: TrainConfig, mesh=None, stop_after_steps: int | None = None) -> d
     return last_row
 
 
-RESUME_KEYS = ("glp", "layers", "batch_size", "seed", "train_dataset", "data_mode",
-               "sigma_sampling", "learning_rate", "num_steps", "num_activations")
-
-
-def check_resumable(saved: dict, now: dict, run_dir) -> None:
-    """A rerun into an existing run directory must be the same run, on the same data."""
-    diffs = [f"{k}: run has {saved.get(k)!r}, now {now.get(k)!r}"
-             for k in RESUME_KEYS if saved.get(k) != now.get(k)]
-    if now.get("data_mode") != "follow" and saved.get("train_rows") != now.get("train_rows"):
-        diffs.append(f"train rows: the run started on {saved.get('train_rows')} rows, the store "
-                     f"now holds {now.get('train_rows')} (the shuffle and the normaliser would "
-                     f"change)")
-    if diffs:
-        raise ConfigError(f"{run_dir} holds a different run; resuming it with these settings "
-                          f"would not reproduce it:\n  " + "\n  ".join(diffs)
-                          + "\nUse a new output_path, or rerun with the run's settings "
-                          "(they are in run.json).")
-
-
-def _write_atomic(path, data: bytes) -> None:
-    """Write then rename, so a reader (another process, a resume) never sees half a file."""
-    if "://" in str(path):  # object stores replace whole objects anyway
-        path.write_bytes(data)
-        return
-    tmp = path.parent / f".{path.name}.tmp"
-    tmp.write_bytes(data)
-    tmp.rename(path)
-
-
 def _data_state(it) -> dict:
     state = it.get_state()
-    return json.loads(json.dumps(state, default=_jsonable))
-
-
-def _jsonable(o: Any):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, bytes):
-        return o.decode("latin1")
-    raise TypeError(f"cannot serialise {type(o)} in the data-iterator state")
+    return json.loads(json.dumps(state, default=jsonable))
 
 
 def _close(it) -> None:
@@ -434,8 +366,8 @@ def _validation_batch(cfg: TrainConfig, pipe: Pipeline, normalizer: Normalizer, 
         lp = pos if len(pipe.layers) > 1 else None
         xs.append(np.asarray(normalizer.normalize(x, lp)))
         ls.append(np.full(n, k, np.int32))
-    x = jax.device_put(np.concatenate(xs), jax.NamedSharding(mesh, jax.P(("data", "fsdp"))))
-    layer = (jax.device_put(np.concatenate(ls), jax.NamedSharding(mesh, jax.P(("data", "fsdp"))))
+    x = jax.device_put(np.concatenate(xs), batch_sharding(mesh))
+    layer = (jax.device_put(np.concatenate(ls), batch_sharding(mesh, ndim=1))
              if len(pipe.layers) > 1 else None)
     return x, layer
 
@@ -455,14 +387,14 @@ def compile_step(cfg: TrainConfig, glp_cfg: GLPConfig, mesh=None) -> dict:
     its cost and memory analysis: checks a configuration without data or accelerator."""
     mesh = mesh or make_mesh(cfg.mesh_data, cfg.mesh_fsdp)
     with jax.set_mesh(mesh):
-        abstract = nnx.eval_shape(lambda: GLP(glp_cfg, rngs=nnx.Rngs(0)))
-        graphdef, abs_params = nnx.split(abstract)
+        graphdef, abs_params = nnx.split(abstract_glp(glp_cfg))
         tx, _ = make_optimizer(cfg, cfg.total_steps)
         abs_opt = jax.eval_shape(tx.init, abs_params)
         p_shard, o_shard = tree_shardings(abs_params, mesh), tree_shardings(abs_opt, mesh)
-        batch_sh = jax.NamedSharding(mesh, jax.P(("data", "fsdp")))
-        x = jax.ShapeDtypeStruct((cfg.batch_size, glp_cfg.d_input), jnp.float32, sharding=batch_sh)
-        layer = (jax.ShapeDtypeStruct((cfg.batch_size,), jnp.int32, sharding=batch_sh)
+        x = jax.ShapeDtypeStruct((cfg.batch_size, glp_cfg.d_input), jnp.float32,
+                                 sharding=batch_sharding(mesh))
+        layer = (jax.ShapeDtypeStruct((cfg.batch_size,), jnp.int32,
+                                      sharding=batch_sharding(mesh, ndim=1))
                  if glp_cfg.is_multi_layer else None)
         step_fn = jit_train_step(cfg, graphdef, tx, p_shard, o_shard, mesh)
         t0 = time.perf_counter()

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from glp_jax.config import ExtractConfig
 from glp_jax.data.corpus import Corpus, Document, fortune_corpus
 from glp_jax.data.store import ActivationStore, StoreMeta
 from glp_jax.errors import GLPError
@@ -27,7 +28,7 @@ def _hf_reference(lm, ids, layer):
 def test_parity_with_hf_hidden_states(smollm2):
     docs = _docs()
     # A small token budget forces several padded batches of mixed lengths.
-    ex = Extractor(smollm2, [LAYER], max_length=96, batch_tokens=200)
+    ex = Extractor(smollm2, ExtractConfig(layers=[LAYER], max_length=96, batch_tokens=200))
     rows = ex.window(docs)
     ids = tokenize_documents(smollm2.tokenizer, [d.text for _, d in docs], 96)
     assert ids[0][0] == 0  # <|endoftext|> prepended: SmolLM2's tokenizer adds no BOS
@@ -56,11 +57,11 @@ def test_sink_position_would_dominate(smollm2):
 def test_policies_last_and_k(smollm2):
     docs = _docs(4)
     ids = tokenize_documents(smollm2.tokenizer, [d.text for _, d in docs], 2048)
-    last = Extractor(smollm2, [LAYER], token_policy="last").window(docs)
+    last = Extractor(smollm2, ExtractConfig(layers=[LAYER], token_policy="last")).window(docs)
     assert [len(t) for t in last.token_ids] == [1] * 4
     assert [int(t[0]) for t in last.token_ids] == [i[-1] for i in ids]
-    k1 = Extractor(smollm2, [LAYER], token_policy="k", tokens_per_doc=3, seed=1).window(docs)
-    k2 = Extractor(smollm2, [LAYER], token_policy="k", tokens_per_doc=3, seed=1).window(docs)
+    k1 = Extractor(smollm2, ExtractConfig(layers=[LAYER], token_policy="k", tokens_per_doc=3, seed=1)).window(docs)
+    k2 = Extractor(smollm2, ExtractConfig(layers=[LAYER], token_policy="k", tokens_per_doc=3, seed=1)).window(docs)
     assert [len(t) for t in k1.token_ids] == [min(3, len(i) - 1) for i in ids]
     for a, b in zip(k1.token_ids, k2.token_ids, strict=True):
         np.testing.assert_array_equal(a, b)
@@ -84,12 +85,12 @@ def _meta(lm, **kw):
 def test_max_tokens_cut_and_resume_equal_one_run(smollm2, tmp_path):
     """Growing a store in three runs (cut mid-document) equals one run to the final size."""
     corpus = fortune_corpus(["riddles", "science"])
-    ex = Extractor(smollm2, [LAYER])
+    ex = Extractor(smollm2, ExtractConfig(layers=[LAYER], window_docs=8, flush_rows=100))
     one = ActivationStore.create(tmp_path / "one", _meta(smollm2))
-    extract_to_store(ex, corpus, one, 700, window_docs=8, flush_rows=100, progress=False)
+    extract_to_store(ex, corpus, one, 700, progress=False)
     parts = ActivationStore.create(tmp_path / "parts", _meta(smollm2))
     for n in (123, 400, 700):
-        extract_to_store(ex, corpus, parts, n, window_docs=8, flush_rows=100, progress=False)
+        extract_to_store(ex, corpus, parts, n, progress=False)
         assert len(parts) == n
     np.testing.assert_array_equal(one.read_raw(0, 700).view(np.uint16),
                                   parts.read_raw(0, 700).view(np.uint16))
@@ -99,14 +100,14 @@ def test_max_tokens_cut_and_resume_equal_one_run(smollm2, tmp_path):
 
 
 def test_empty_corpus_and_bad_max_tokens(smollm2, tmp_path):
-    ex = Extractor(smollm2, [LAYER])
+    ex = Extractor(smollm2, ExtractConfig(layers=[LAYER]))
     store = ActivationStore.create(tmp_path / "s", _meta(smollm2))
     with pytest.raises(GLPError, match="no documents"):
         extract_to_store(ex, Corpus("empty", []), store, 10, progress=False)
     with pytest.raises(GLPError, match="max_tokens must be positive"):
         extract_to_store(ex, Corpus("x", [Document("hello there")]), store, 0, progress=False)
     with pytest.raises(GLPError, match="out of range"):
-        Extractor(smollm2, [30])
+        Extractor(smollm2, ExtractConfig(layers=[30]))
 
 
 def test_last_layer_is_the_residual_stream_before_the_final_norm(smollm2):
@@ -117,7 +118,7 @@ def test_last_layer_is_the_residual_stream_before_the_final_norm(smollm2):
     assert not tokenizer_adds_bos(smollm2.tokenizer)
     docs = _docs(2)
     last = smollm2.n_layers - 1
-    rows = Extractor(smollm2, [last], max_length=64).window(docs)
+    rows = Extractor(smollm2, ExtractConfig(layers=[last], max_length=64)).window(docs)
     ids = tokenize_documents(smollm2.tokenizer, [docs[0][1].text], 64)[0]
     with torch.inference_mode():
         out = smollm2.model(input_ids=torch.tensor([ids]), output_hidden_states=True)
@@ -129,6 +130,6 @@ def test_last_layer_is_the_residual_stream_before_the_final_norm(smollm2):
 def test_store_settings_mismatch_is_refused(smollm2, tmp_path):
     store = ActivationStore.create(tmp_path / "s", _meta(smollm2))
     with pytest.raises(GLPError, match="split: store has 'train', extraction asks 'val'"):
-        extract_to_store(Extractor(smollm2, [LAYER]), fortune_corpus(["riddles"]), store, 10,
-                         split="val", progress=False)
+        extract_to_store(Extractor(smollm2, ExtractConfig(layers=[LAYER], split="val")),
+                         fortune_corpus(["riddles"]), store, 10, progress=False)
     assert len(store) == 0

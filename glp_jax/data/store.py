@@ -34,6 +34,7 @@ import tensorstore as ts
 
 from glp_jax.data.stats import Moments
 from glp_jax.errors import NonFiniteActivationError, StoreError, StoreMismatchError
+from glp_jax.version import __version__
 
 FORMAT = "glp_jax.activation_store"
 FORMAT_VERSION = 1
@@ -47,12 +48,6 @@ IDENTITY_FIELDS = ("model", "layers", "d", "dtype", "hook", "corpus", "split", "
 
 # memory:// stores live in a tensorstore Context; share one so re-opening in-process works.
 _MEMORY_CONTEXT = ts.Context()
-
-
-def _version() -> str:
-    from glp_jax import __version__
-
-    return __version__
 
 
 @dataclass
@@ -71,7 +66,7 @@ class StoreMeta:
     tokens_per_doc: int = 0  # k for the "k" policy
     max_length: int = 2048
     seed: int = 0
-    created_by: str = field(default_factory=lambda: f"glp_jax {_version()}")
+    created_by: str = field(default_factory=lambda: f"glp_jax {__version__}")
     shard_rows: int = 16384
     chunk_rows: int = 8
     capacity: int = DEFAULT_CAPACITY

@@ -21,9 +21,9 @@ from typing import Any, NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
-from glp_jax import __version__
 from glp_jax.errors import CheckpointError, ConfigError
 from glp_jax.model import GLP, GLPConfig, Normalizer, abstract_glp
+from glp_jax.version import __version__
 
 
 class KeyMap(NamedTuple):

@@ -23,12 +23,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from glp_jax.config import TOKEN_POLICIES, ExtractConfig
 from glp_jax.data.corpus import Corpus, Document, StreamingCorpus
 from glp_jax.data.store import ActivationStore, StoreMeta
 from glp_jax.errors import GLPError
 from glp_jax.llm.loading import LoadedLM
-
-POLICIES = ("all", "last", "k")
 
 
 class _StopForward(Exception):
@@ -79,7 +78,7 @@ def select_positions(ids: list[int], special_ids: set[int], policy: str, k: int,
         if pos.size <= k:
             return pos
         return np.sort(rng.choice(pos, size=k, replace=False))
-    raise GLPError(f"unknown token policy {policy!r}; use one of {POLICIES}")
+    raise GLPError(f"unknown token policy {policy!r}; use one of {TOKEN_POLICIES}")
 
 
 class TruncatedForward:
@@ -162,20 +161,15 @@ class WindowRows:
 class Extractor:
     """Computes stored rows for documents; owns the model, tokenizer and hooks."""
 
-    def __init__(self, lm: LoadedLM, layers: list[int], max_length: int = 2048,
-                 token_policy: str = "all", tokens_per_doc: int = 0, seed: int = 0,
-                 batch_tokens: int = 8192, device: str = "cpu"):
-        if token_policy not in POLICIES:
-            raise GLPError(f"unknown token policy {token_policy!r}; use one of {POLICIES}")
-        if token_policy == "k" and tokens_per_doc <= 0:
-            raise GLPError("token policy 'k' needs tokens_per_doc > 0")
+    def __init__(self, lm: LoadedLM, cfg: ExtractConfig):
+        self.cfg = cfg.for_model(lm.n_layers)
         self.lm = lm
-        self.layers = sorted(layers)
+        self.layers = self.cfg.layers
         self.forward = TruncatedForward(lm.model, self.layers)
-        self.max_length = max_length
-        self.policy, self.k, self.seed = token_policy, tokens_per_doc, seed
-        self.batch_tokens = max(batch_tokens, max_length)
-        self.device = device
+        self.max_length = self.cfg.max_length
+        self.policy, self.k, self.seed = cfg.token_policy, cfg.tokens_per_doc, cfg.seed
+        self.batch_tokens = max(cfg.batch_tokens, cfg.max_length)
+        self.device = cfg.device
         self.special = set(lm.tokenizer.all_special_ids)
         self.pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
 
@@ -229,22 +223,27 @@ class ExtractResult:
 
 
 def extract_to_store(extractor: Extractor, corpus: Corpus | StreamingCorpus,
-                     store: ActivationStore, max_tokens: int, split: str = "train",
-                     corpus_seed: int = 42, val_docs: int | None = None, window_docs: int = 64,
-                     flush_rows: int = 8192, progress: bool = True) -> ExtractResult:
+                     store: ActivationStore, max_tokens: int, progress: bool = True) -> ExtractResult:
     """Append rows to `store` until it holds `max_tokens` rows or the split ends; resumes
-    from the store's cursor."""
+    from the store's cursor. Split, seed and batching come from `extractor.cfg`."""
     if max_tokens <= 0:
         raise GLPError(f"max_tokens must be positive, got {max_tokens}")
+    cfg = extractor.cfg
+    split, corpus_seed, val_docs = cfg.split, cfg.seed, cfg.val_docs
+    window_docs, flush_rows = cfg.window_docs, cfg.flush_rows
     meta = store.meta
-    asked = {"split": split, "seed": corpus_seed, "token_policy": extractor.policy,
-             "max_length": extractor.max_length, "layers": extractor.layers}
+    asked = {"split": split, "seed": corpus_seed, "token_policy": cfg.token_policy,
+             "tokens_per_doc": cfg.tokens_per_doc, "max_length": cfg.max_length,
+             "layers": cfg.layers}
     have = {"split": meta.split, "seed": meta.seed, "token_policy": meta.token_policy,
-            "max_length": meta.max_length, "layers": sorted(meta.layers)}
+            "tokens_per_doc": meta.tokens_per_doc, "max_length": meta.max_length,
+            "layers": sorted(meta.layers)}
     diffs = [f"{k}: store has {have[k]!r}, extraction asks {v!r}" for k, v in asked.items()
              if have[k] != v]
-    if meta.extra.get("val_docs", val_docs) != val_docs:
-        diffs.append(f"val_docs: store has {meta.extra.get('val_docs')!r}, extraction asks {val_docs!r}")
+    for key in ("val_docs", "llm_dtype"):
+        if meta.extra.get(key, getattr(cfg, key)) != getattr(cfg, key):
+            diffs.append(f"{key}: store has {meta.extra.get(key)!r}, extraction asks "
+                         f"{getattr(cfg, key)!r}")
     if diffs:
         raise GLPError(f"extraction settings differ from store {store.url}:\n  " + "\n  ".join(diffs))
     if store.cursor.get("window_docs", window_docs) != window_docs:
@@ -331,12 +330,13 @@ def _progress(enabled: bool, total: int, initial: int):
                 desc="extract", dynamic_ncols=True, smoothing=0.1)
 
 
-def extraction_meta(model_id: str, layers: list[int], d: int, corpus_name: str, split: str,
-                    *, token_policy: str = "all", tokens_per_doc: int = 0, max_length: int = 2048,
-                    seed: int = 42, dtype: str = "bfloat16", val_docs: int | None = None,
-                    llm_dtype: str = "float32") -> StoreMeta:
-    """The identity of an extraction store: what a resume must match (see StoreMeta)."""
-    return StoreMeta(model=model_id, layers=list(layers), d=d, dtype=dtype, tokenizer=model_id,
-                     corpus=corpus_name, split=split, token_policy=token_policy,
-                     tokens_per_doc=tokens_per_doc, max_length=max_length, seed=seed,
-                     extra={"val_docs": val_docs, "llm_dtype": llm_dtype})
+def extraction_meta(cfg: ExtractConfig, model_id: str, d: int, corpus_name: str) -> StoreMeta:
+    """The identity of an extraction store: what a resume must match (see StoreMeta).
+    `cfg.layers` must be resolved (`cfg.for_model(n_layers)`)."""
+    if cfg.layers is None:
+        raise GLPError("extraction_meta needs resolved layers: pass cfg.for_model(n_layers)")
+    return StoreMeta(model=model_id, layers=list(cfg.layers), d=d, dtype=cfg.dtype,
+                     tokenizer=model_id, corpus=corpus_name, split=cfg.split,
+                     token_policy=cfg.token_policy, tokens_per_doc=cfg.tokens_per_doc,
+                     max_length=cfg.max_length, seed=cfg.seed,
+                     extra={"val_docs": cfg.val_docs, "llm_dtype": cfg.llm_dtype})

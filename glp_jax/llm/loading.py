@@ -111,8 +111,3 @@ def load_causal_lm(name: str = EMBEDDED_MODEL, dtype: str = "float32",
     model.to(device).eval()
     tok = AutoTokenizer.from_pretrained(path)
     return LoadedLM(model, tok, model_id, int(cfg.num_hidden_layers), int(cfg.hidden_size))
-
-
-def middle_layer(n_layers: int) -> int:
-    """The original's "middlemost" layer: n_layers//2 - 1 (7 for Llama-1B, 14 for SmolLM2)."""
-    return n_layers // 2 - 1

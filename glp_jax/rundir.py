@@ -1,0 +1,230 @@
+"""The files of one run folder, and the one place that reads or writes them.
+
+    run.json        resolved settings (TrainConfig + GLPConfig + layers + run info)
+    config.json     the TrainConfig as given
+    normalizer.npz  the exact statistics the run normalises with
+    metrics.jsonl   one JSON row per logged step (torn last line tolerated)
+    checkpoints/    orbax steps (glp_jax.checkpoint)
+    evals/          evaluation results written by glp_jax.evals (<name>.json, <name>.md)
+
+Small files are written atomically (temp file + rename), so a reader (a follower, a
+resume, `glp fit` on a live sweep) never sees half a file.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from glp_jax.errors import CheckpointError, ConfigError, GLPError
+
+RUN_FILE, CONFIG_FILE, NORMALIZER_FILE = "run.json", "config.json", "normalizer.npz"
+METRICS_FILE, EVALS_DIR = "metrics.jsonl", "evals"
+
+# A rerun into an existing folder must agree on these, or it is another run.
+RESUME_KEYS = ("glp", "layers", "batch_size", "seed", "train_dataset", "data_mode",
+               "sigma_sampling", "learning_rate", "num_steps", "num_activations")
+
+
+def write_atomic(path, data: bytes | str) -> None:
+    """Write then rename, so a reader never sees half a file."""
+    if isinstance(data, str):
+        data = data.encode()
+    if "://" in str(path):  # object stores replace whole objects anyway
+        path.write_bytes(data)
+        return
+    tmp = path.parent / f".{path.name}.tmp"
+    tmp.write_bytes(data)
+    tmp.rename(path)
+
+
+def read_metrics(path) -> list[dict]:
+    """Rows of a metrics.jsonl merged by step (a later line for the same step adds or wins).
+
+    A resumed run may log a step twice; the later value wins. A killed writer may leave a
+    partial last line, which is skipped; a bad line elsewhere is an error.
+    """
+    lines = (path if hasattr(path, "read_text") else Path(path)).read_text().splitlines()
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    by_step: dict[float, dict] = {}
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            if i == last:
+                break
+            raise GLPError(f"{path}:{i + 1} is not valid JSON ({e}); repair or delete "
+                           "that line") from e
+        step = _as_float(obj.get("step")) if isinstance(obj, dict) else math.nan
+        if not np.isfinite(step):
+            continue
+        by_step.setdefault(step, {}).update(obj)
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def _as_float(value: Any) -> float:
+    if isinstance(value, bool) or value is None:
+        return math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def epoch_step(epoch: int, epoch_size: int, batch_size: int) -> int:
+    """The step at which `epoch` (in units of epoch_size activations) is complete."""
+    return int(epoch) * int(epoch_size) // int(batch_size)
+
+
+class MetricsLog:
+    """metrics.jsonl; on resume, rows past the restored step are dropped (they are redone)."""
+
+    def __init__(self, path, resume_step: int, primary: bool):
+        self.path, self.primary = path, primary
+        self.lines: list[str] = []
+        if primary and path.exists():
+            self.lines = [json.dumps(row) for row in read_metrics(path)
+                          if row.get("step", 0) <= resume_step]
+            path.write_text("".join(ln + "\n" for ln in self.lines))
+
+    def write(self, row: dict) -> None:
+        if not self.primary:
+            return
+        line = json.dumps(row)
+        self.lines.append(line)
+        if "://" in str(self.path):  # object stores cannot append: rewrite (the file is small)
+            self.path.write_text("".join(ln + "\n" for ln in self.lines))
+        else:
+            with open(self.path, "a") as f:
+                f.write(line + "\n")
+
+
+class RunDir:
+    """One training run's folder (local path or bucket URL)."""
+
+    def __init__(self, path):
+        from glp_jax.checkpoint import run_path
+
+        self.path = run_path(path)
+
+    def __truediv__(self, name: str):
+        return self.path / name
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    # -- settings
+    def started(self) -> bool:
+        return (self.path / RUN_FILE).exists()
+
+    def resolved(self) -> dict:
+        """run.json: everything the run was started with."""
+        if not self.started():
+            raise CheckpointError(f"{self.path} is not a training run (no {RUN_FILE}); pass a "
+                                  f"run folder written by `glp train`")
+        return json.loads((self.path / RUN_FILE).read_text())
+
+    def write_start(self, config: dict, resolved: dict, normalizer, layers: list[int]) -> None:
+        """The files of a new run: normaliser first, run.json last (it marks the start)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO()
+        np.savez(buf, mean=np.asarray(normalizer.mean), var=np.asarray(normalizer.var),
+                 std=np.asarray(normalizer.std), layers=np.asarray(layers))
+        write_atomic(self.path / NORMALIZER_FILE, buf.getvalue())
+        write_atomic(self.path / CONFIG_FILE, json.dumps(config, indent=1))
+        write_atomic(self.path / RUN_FILE, json.dumps(resolved, indent=1))
+
+    def check_resumable(self, now: dict) -> None:
+        """A rerun into an existing run directory must be the same run, on the same data."""
+        saved = self.resolved()
+        diffs = [f"{k}: run has {saved.get(k)!r}, now {now.get(k)!r}"
+                 for k in RESUME_KEYS if saved.get(k) != now.get(k)]
+        if now.get("data_mode") != "follow" and saved.get("train_rows") != now.get("train_rows"):
+            diffs.append(f"train rows: the run started on {saved.get('train_rows')} rows, the "
+                         f"store now holds {now.get('train_rows')} (the shuffle and the "
+                         f"normaliser would change)")
+        if diffs:
+            raise ConfigError(f"{self.path} holds a different run; resuming it with these "
+                              f"settings would not reproduce it:\n  " + "\n  ".join(diffs)
+                              + "\nUse a new output_path, or rerun with the run's settings "
+                              "(they are in run.json).")
+
+    def normalizer(self):
+        """The run's Normalizer (fp32), exactly as training used it."""
+        import jax.numpy as jnp
+
+        from glp_jax.model import Normalizer
+
+        path = self.path / NORMALIZER_FILE
+        if not path.exists():
+            raise CheckpointError(f"{path} is missing; the run folder is incomplete (copy it "
+                                  f"whole, or restart the run)")
+        stats = np.load(io.BytesIO(path.read_bytes()))
+        return Normalizer(mean=jnp.asarray(stats["mean"]), var=jnp.asarray(stats["var"]),
+                          std=jnp.asarray(stats["std"]))
+
+    # -- progress
+    def metrics_log(self, resume_step: int, primary: bool) -> MetricsLog:
+        return MetricsLog(self.path / METRICS_FILE, resume_step, primary)
+
+    def metrics(self) -> list[dict]:
+        path = self.path / METRICS_FILE
+        return read_metrics(path) if path.exists() else []
+
+    def total_steps(self) -> int:
+        from glp_jax.config import total_steps_of
+
+        cfg = json.loads((self.path / CONFIG_FILE).read_text())
+        return total_steps_of(cfg.get("num_steps"), cfg.get("num_activations"), cfg["batch_size"])
+
+    def finished(self) -> bool:
+        """True when the run's metrics reach its configured number of steps."""
+        if not ((self.path / METRICS_FILE).exists() and (self.path / CONFIG_FILE).exists()):
+            return False
+        rows = self.metrics()
+        return bool(rows) and rows[-1].get("step") == self.total_steps()
+
+    def step_of(self, step: int | str) -> int | None:
+        """An int, 'latest' (None: ask the checkpoints), or 'epoch_N' -> a step number."""
+        if step == "latest":
+            return None
+        if isinstance(step, str) and step.startswith("epoch_"):
+            r = self.resolved()
+            return epoch_step(int(step.split("_")[1]), r["epoch_size"], r["batch_size"])
+        return int(step)
+
+    # -- evaluations
+    def write_eval(self, name: str, result: dict[str, Any], markdown: str | None = None,
+                   out_dir=None) -> Path:
+        """evals/<name>.json (and .md): results a program reads and a person reads."""
+        out = self.path / EVALS_DIR if out_dir is None else out_dir
+        return write_results(out, name, result, markdown)
+
+
+def write_results(out_dir, name: str, result: dict[str, Any], markdown: str | None = None):
+    """<out_dir>/<name>.json (+ .md), atomically; returns the JSON path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.json"
+    write_atomic(path, json.dumps(result, indent=1, default=jsonable))
+    if markdown is not None:
+        write_atomic(out_dir / f"{name}.md", markdown)
+    return path
+
+
+def jsonable(o: Any):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, bytes):
+        return o.decode("latin1")
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"cannot serialise {type(o)} to JSON")
