@@ -18,6 +18,7 @@ from flax import nnx
 
 from glp_jax import flow
 from glp_jax.errors import CheckpointError
+from glp_jax.layers import layer_position
 from glp_jax.model import GLP, GLPConfig, Normalizer, abstract_glp
 
 
@@ -38,10 +39,7 @@ class LoadedGLP:
             return None, None
         if layer is None:
             raise ValueError(f"multi-layer GLP (layers {self.layers}): pass layer=")
-        if layer not in self.layers:
-            raise ValueError(f"layer {layer} not among the trained layers {self.layers}")
-        pos = self.layers.index(layer) if self.normalizer.n_layers else None
-        return pos, jnp.full((n,), layer, jnp.int32)
+        return layer_position(self.layers, layer), jnp.full((n,), layer, jnp.int32)
 
     def _apply(self, layer_ids, with_meta=False):
         model = self.model

@@ -13,23 +13,41 @@ import difflib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import yaml
 
+from glp_jax.data.settings import BATCH_SIZE, FOLLOW_TIMEOUT_S, check_batch_size, check_mode
 from glp_jax.errors import ConfigError
+
+if TYPE_CHECKING:
+    from glp_jax.data.pipeline import PipelineConfig
+
+
+def total_steps_of(num_steps: int | None, num_activations: int | None, batch_size: int) -> int:
+    """Optimizer steps of a run: num_steps, or num_activations // batch_size (at least 1).
+    Works on raw config values too (e.g. a run's config.json)."""
+    if num_steps is not None:
+        return int(num_steps)
+    if num_activations is not None:
+        return max(1, int(num_activations) // int(batch_size))
+    raise ConfigError("set num_steps or num_activations (run length)")
 
 
 @dataclass
 class TrainConfig:
+    """One training run. The data keys are run-level: `pipeline_config()` translates them to
+    the library-level `PipelineConfig`. Defaults differ where a run wants otherwise: one
+    pass over the rows (`data_mode=single`, the original recipe) and 4 read threads."""
+
     # data
     train_dataset: str = ""  # store path or kvstore URL
     val_dataset: str | None = None  # held-out store for the periodic validation loss
     layers: list[int] | None = None  # store layers to train on; several = multi-layer GLP
     data_mode: str = "single"  # single (each row once) | repeat | follow (live extraction)
-    follow_timeout_s: float = 600.0
-    data_threads: int = 4
+    follow_timeout_s: float = FOLLOW_TIMEOUT_S
+    data_threads: int = 4  # grain read threads; the prefetch depth is max(2, data_threads)
     # model (d_input defaults to the store's d; widths to 2d and 4d)
     d_input: int | None = None
     d_model: int | None = None
@@ -37,7 +55,7 @@ class TrainConfig:
     n_layers: int = 3
     multi_layer_n_layers: int | None = None
     # optimisation (the original recipe, GLP_SPEC.md section 4)
-    batch_size: int = 4096
+    batch_size: int = BATCH_SIZE
     gradient_accumulation_steps: int = 1
     learning_rate: float = 5e-5
     weight_decay: float = 0.01
@@ -78,13 +96,14 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        if self.batch_size <= 0 or self.gradient_accumulation_steps <= 0:
-            raise ConfigError("batch_size and gradient_accumulation_steps must be positive")
+        check_batch_size(self.batch_size)
+        if self.gradient_accumulation_steps <= 0:
+            raise ConfigError(f"gradient_accumulation_steps must be positive, got "
+                              f"{self.gradient_accumulation_steps}")
         if self.batch_size % self.gradient_accumulation_steps:
             raise ConfigError(f"batch_size {self.batch_size} must be divisible by "
                               f"gradient_accumulation_steps {self.gradient_accumulation_steps}")
-        if self.data_mode not in ("single", "repeat", "follow"):
-            raise ConfigError(f"data_mode must be single, repeat or follow, got {self.data_mode!r}")
+        check_mode(self.data_mode, "data_mode")
         if self.sigma_sampling not in ("discrete", "continuous"):
             raise ConfigError(f"sigma_sampling must be discrete or continuous, got {self.sigma_sampling!r}")
         if self.n_layers <= 0:
@@ -99,11 +118,16 @@ class TrainConfig:
 
     @property
     def total_steps(self) -> int:
-        if self.num_steps is not None:
-            return int(self.num_steps)
-        if self.num_activations is not None:
-            return max(1, int(self.num_activations) // self.batch_size)
-        raise ConfigError("set num_steps or num_activations (run length)")
+        return total_steps_of(self.num_steps, self.num_activations, self.batch_size)
+
+    def pipeline_config(self) -> PipelineConfig:
+        """The training data pipeline of this run (the one TrainConfig -> PipelineConfig)."""
+        from glp_jax.data.pipeline import PipelineConfig  # grain: only when training
+
+        return PipelineConfig(
+            store=self.train_dataset, layers=self.layers, batch_size=self.batch_size,
+            seed=self.seed, mode=self.data_mode, num_threads=self.data_threads,
+            prefetch=max(2, self.data_threads), follow_timeout_s=self.follow_timeout_s)
 
     def epoch_checkpoints(self) -> list[int]:
         """Steps at which epoch_N checkpoints are kept (N in units of epoch_size activations)."""

@@ -24,9 +24,10 @@ from flax import nnx
 from glp_jax import flow
 from glp_jax.checkpoint import RunCheckpoints, abstract_with_shardings
 from glp_jax.config import TrainConfig
-from glp_jax.data.pipeline import Pipeline, PipelineConfig, build_pipeline
+from glp_jax.data.pipeline import Pipeline, build_pipeline
 from glp_jax.data.store import ActivationStore
 from glp_jax.errors import ConfigError, GLPError
+from glp_jax.layers import layer_position
 from glp_jax.model import (
     GLP,
     GLPConfig,
@@ -196,10 +197,7 @@ def train(cfg: TrainConfig, mesh=None, stop_after_steps: int | None = None) -> d
         raise ConfigError(f"batch_size {cfg.batch_size} (per micro-batch "
                           f"{cfg.batch_size // cfg.gradient_accumulation_steps}) must be divisible "
                           f"by the {n_dev} devices")
-    pipe = build_pipeline(PipelineConfig(
-        store=cfg.train_dataset, layers=cfg.layers, batch_size=cfg.batch_size, seed=cfg.seed,
-        mode=cfg.data_mode, num_threads=cfg.data_threads, prefetch=max(2, cfg.data_threads),
-        follow_timeout_s=cfg.follow_timeout_s))
+    pipe = build_pipeline(cfg.pipeline_config())
     multi = len(pipe.layers) > 1
     glp_cfg = glp_config_for(cfg, pipe.d, len(pipe.layers))
     normalizer = normalizer_from_pipeline(pipe)
@@ -361,10 +359,9 @@ def _validation_batch(cfg: TrainConfig, pipe: Pipeline, normalizer: Normalizer, 
     # A fixed random subset (not the first rows: they would come from a handful of documents).
     idx = np.sort(np.random.default_rng(0).choice(len(val), n, replace=False))
     xs, ls = [], []
-    for pos, k in enumerate(pipe.layers):
+    for k in pipe.layers:
         x = val.read_rows(idx, layer=k)
-        lp = pos if len(pipe.layers) > 1 else None
-        xs.append(np.asarray(normalizer.normalize(x, lp)))
+        xs.append(np.asarray(normalizer.normalize(x, layer_position(pipe.layers, k))))
         ls.append(np.full(n, k, np.int32))
     x = jax.device_put(np.concatenate(xs), batch_sharding(mesh))
     layer = (jax.device_put(np.concatenate(ls), batch_sharding(mesh, ndim=1))

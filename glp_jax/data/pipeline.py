@@ -5,7 +5,7 @@ Modes (`PipelineConfig.mode`):
           floor(rows / batch_size) global batches (the remainder is dropped).
   repeat  endless; epoch e is a fresh global permutation (seed + e, as grain reseeds);
           every epoch drops its own remainder, so no batch straddles two epochs.
-  follow  trains on a store that an extraction is still appending to (`FollowIterator`).
+  follow  trains on a store that an extraction is still appending to (`follow.py`).
 
 The single/repeat path is a grain `MapDataset` whose element j is local batch j:
 
@@ -15,19 +15,17 @@ The single/repeat path is a grain `MapDataset` whose element j is local batch j:
 `_ReadBatch` computes the example ids of batch j (indices are batched before any data is
 touched) and reads them with one tensorstore call per (store, layer), then z-scores them.
 
-Shuffle: exactly grain's `MapDataset.range(E).shuffle(seed)` permutation, global over all
-E examples, O(1) memory, reseeded seed+epoch each epoch (tests pin the equality). It is
-evaluated for a whole batch at once in numpy (`index_shuffle`, 0.12 ms per 4096 indices):
-grain evaluates it one Python call per element, ~30 ms per 4096 indices here, about as long
-as the tensorstore read of those rows.
+Shuffle: grain's `MapDataset.range(E).shuffle(seed)` permutation, global over all E
+examples, reseeded seed+epoch each epoch, evaluated per batch in numpy (`shuffle.py`).
 
 Snapshot: rows and statistics are those committed when the pipeline is built; rows that
 are appended later are not used (except in follow mode). The trainer should save
 `Pipeline.mean`/`Pipeline.std` with its checkpoints to denormalise samples.
 
 Examples: with layers [l_0, ..., l_{n-1}] over stores holding T rows in all, example e is
-(row e % T, layer position e // T): a shuffle of the (row, layer) product space. Rows of
-several stores are concatenated in the order given (`Pipeline.offsets`).
+(row e % T, layer position e // T) (`glp_jax.layers.split_examples`): a shuffle of the
+(row, layer) product space. Rows of several stores are concatenated in the order given
+(`Pipeline.offsets`).
 
 Batches are dicts of numpy arrays:
   "x"         float32 [B_local, d], z-scored per dimension with the float64 moments of the
@@ -62,113 +60,24 @@ the interpreter exits.
 
 from __future__ import annotations
 
-import functools
-import math
 import threading
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import grain
 import numpy as np
 
+from glp_jax.data.follow import FollowIterator, wait_for_block
+from glp_jax.data.settings import BATCH_SIZE, FOLLOW_TIMEOUT_S, MODES, check_batch_size, check_mode
+from glp_jax.data.shuffle import index_shuffle
 from glp_jax.data.stats import Moments
 from glp_jax.data.store import ActivationStore
 from glp_jax.errors import ConfigError, StoreError, StoreMismatchError
+from glp_jax.layers import split_examples
 
-MODES = ("single", "repeat", "follow")
+__all__ = ["MODES", "FollowIterator", "Pipeline", "PipelineConfig", "build_pipeline",
+           "index_shuffle", "make_iterator", "std_from_var", "z_normalize"]
 _STATS_CHUNK_ROWS = 65536
-
-
-# ----------------------------------------------------------------------------- shuffle
-_M32 = 0xFFFFFFFF
-
-
-def _seed_seq_words(seed: int, n: int) -> list[int]:
-    """`std::seed_seq{seed}.generate(n words)`, as specified by the C++ standard."""
-    v = [seed & _M32]
-    s = len(v)
-    b = [0x8B8B8B8B] * n
-    t = 11 if n >= 623 else 7 if n >= 68 else 5 if n >= 39 else 3 if n >= 7 else (n - 1) // 2
-    p = (n - t) // 2
-    q = p + t
-    m = max(s + 1, n)
-
-    def mix(x: int) -> int:
-        return x ^ (x >> 27)
-
-    for k in range(m):
-        r1 = (1664525 * mix(b[k % n] ^ b[(k + p) % n] ^ b[(k - 1) % n])) & _M32
-        r2 = (r1 + (s if k == 0 else (k % n + v[k - 1]) if k <= s else k % n)) & _M32
-        b[(k + p) % n] = (b[(k + p) % n] + r1) & _M32
-        b[(k + q) % n] = (b[(k + q) % n] + r2) & _M32
-        b[k % n] = r2
-    for k in range(m, m + n):
-        r3 = (1566083941 * mix((b[k % n] + b[(k + p) % n] + b[(k - 1) % n]) & _M32)) & _M32
-        r4 = (r3 - k % n) & _M32
-        b[(k + p) % n] ^= r3
-        b[(k + q) % n] ^= r4
-        b[k % n] = r4
-    return b
-
-
-def _simon_encrypt(x: np.ndarray, half_bits: int, keys: list[int]) -> np.ndarray:
-    """grain's Simon-cipher rounds on blocks of 2*half_bits bits (uint64 arrays)."""
-    w = np.uint64(half_bits)
-    mask = np.uint64((1 << half_bits) - 1)
-
-    def rotl(v, r):
-        r = np.uint64(r)
-        return ((v << r) | (v >> (w - r))) & mask
-
-    def f(v):
-        return (rotl(v, 1) & rotl(v, 8)) ^ rotl(v, 2)
-
-    left, right = (x >> w) & mask, x & mask
-    for i in range(0, len(keys), 2):
-        left = left ^ f(right) ^ (np.uint64(keys[i]) & mask)
-        right = right ^ f(left) ^ (np.uint64(keys[i + 1]) & mask)
-    return (left << w) | right
-
-
-@functools.lru_cache(maxsize=16)
-def _small_permutation(max_index: int, seed: int, rounds: int) -> np.ndarray:
-    """The whole permutation when the cipher block is 16 bits. Cycle walking from a small
-    range through 2**16 values takes many steps; pointer doubling over the full table
-    takes ~16 vectorised steps instead."""
-    jump = _simon_encrypt(np.arange(1 << 16, dtype=np.uint64), 8, _seed_seq_words(seed, rounds))
-    jump = jump.astype(np.int64)
-    # Invariant: jump[x] is reached from x through values > max_index only.
-    while (jump[: max_index + 1] > max_index).any():
-        out = np.flatnonzero(jump > max_index)
-        jump[out] = jump[jump[out]]
-    return jump[: max_index + 1]
-
-
-def index_shuffle(idx: np.ndarray, max_index: int, seed: int, rounds: int = 4) -> np.ndarray:
-    """Vectorised grain `index_shuffle`: the image of `idx` (values in [0, max_index]) under
-    the pseudorandom permutation of [0, max_index] that grain's `MapDataset.shuffle` uses
-    (Simon-cipher Feistel rounds with cycle walking; bit-identical to grain's C++ code)."""
-    idx = np.asarray(idx, np.int64)
-    if idx.size and (idx.min() < 0 or idx.max() > max_index):
-        raise ValueError(f"index_shuffle: indices must lie in [0, {max_index}]")
-    if max_index == 0:
-        return np.zeros_like(idx)
-    block = int(math.ceil(math.log2(max_index)))
-    block = max(block + block % 2, 16)
-    if block == 16:
-        return _small_permutation(int(max_index), int(seed), rounds)[idx]
-    keys = _seed_seq_words(int(seed), rounds)
-    out = np.empty(idx.size, np.uint64)
-    todo = np.arange(idx.size)
-    cur = idx.reshape(-1).astype(np.uint64)
-    limit = np.uint64(max_index)
-    while todo.size:  # cycle walking: re-encrypt values that land past max_index
-        cur = _simon_encrypt(cur, block // 2, keys)
-        ok = cur <= limit
-        out[todo[ok]] = cur[ok]
-        todo, cur = todo[~ok], cur[~ok]
-    return out.astype(np.int64).reshape(idx.shape)
 
 
 # ----------------------------------------------------------------------------- normalising
@@ -187,11 +96,16 @@ def std_from_var(var: np.ndarray, min_var: float) -> np.ndarray:
 # ----------------------------------------------------------------------------- config
 @dataclass
 class PipelineConfig:
-    """How to turn one or several stores into training batches (see the module doc)."""
+    """How to turn one or several stores into training batches (see the module doc).
+
+    The library-level object: its defaults suit a caller driving its own loop (an endless
+    `repeat` iterator, 2 read threads). A training run is described by `TrainConfig`, whose
+    `pipeline_config()` is the one translation to this; shared defaults and checks live in
+    `glp_jax.data.settings`."""
 
     store: str | list[str] = ""  # url or list of urls; rows are concatenated in order
     layers: list[int] | None = None  # None: the store's only layer; >1 layer: mixing
-    batch_size: int = 4096  # global batch, summed over processes
+    batch_size: int = BATCH_SIZE  # global batch, summed over processes
     seed: int = 0
     mode: str = "repeat"  # single | repeat | follow
     shuffle: bool = True  # False: rows in store order (eval passes, contiguous reads)
@@ -201,7 +115,7 @@ class PipelineConfig:
     num_workers: int = 0  # grain mp_prefetch worker processes; 0 = threads only
     min_var: float = 1e-6  # variance floor of the normaliser
     follow_block_batches: int = 16  # follow: rows are shuffled in blocks of this many batches
-    follow_timeout_s: float = 600.0  # follow: give up after this long without a new commit
+    follow_timeout_s: float = FOLLOW_TIMEOUT_S  # follow: give up after this long with no new commit
     follow_poll_s: float = 0.5  # follow: how often to re-read the store's commit
 
     @property
@@ -211,10 +125,8 @@ class PipelineConfig:
     def validate(self) -> None:
         if not self.urls or any(not u for u in self.urls):
             raise ConfigError("no store given: set store=<path or url> (or a list of them)")
-        if self.mode not in MODES:
-            raise ConfigError(f"mode {self.mode!r} unknown; use one of {', '.join(MODES)}")
-        if self.batch_size <= 0:
-            raise ConfigError(f"batch_size must be positive, got {self.batch_size}")
+        check_mode(self.mode)
+        check_batch_size(self.batch_size)
         if not 0 <= self.seed < 2**32:
             raise ConfigError(f"seed must be in [0, 2**32), got {self.seed}")
         for name in ("num_threads", "prefetch", "num_workers"):
@@ -327,8 +239,7 @@ class _ReadBatch(grain.transforms.MapWithIndex):
     def map_with_index(self, index: int, element):
         del element  # the batch number is the index (epochs included under repeat)
         ex = self.plan.examples_of(index)
-        lpos = ex // self.plan.rows if len(self.reader.layers) > 1 else None
-        return self.reader.read(ex % self.plan.rows, lpos)
+        return self.reader.read(*split_examples(ex, self.plan.rows, len(self.reader.layers)))
 
 
 def _mark_absl_flags_parsed() -> None:
@@ -405,7 +316,7 @@ class Pipeline:
         with self._stats_lock:
             if self._mean is None:  # follow mode: moments of the first block's rows
                 store = self.stores[0]
-                stop = _wait_for_block(store, self.follow_block_rows, self.cfg, "statistics")
+                stop = wait_for_block(store, self.follow_block_rows, self.cfg, "statistics")
                 mos = [_moments_of_rows(store, k, stop) for k in self.layers]
                 self._std = np.stack([std_from_var(m.var, self.cfg.min_var) for m in mos])
                 self._mean = np.stack([m.mean for m in mos])
@@ -525,103 +436,3 @@ def make_iterator(cfg: PipelineConfig, process_index: int | None = None,
                   process_count: int | None = None) -> grain.DatasetIterator:
     """`build_pipeline(cfg, ...).make_iterator()`."""
     return build_pipeline(cfg, process_index, process_count).make_iterator()
-
-
-# ----------------------------------------------------------------------------- follow mode
-def _no_more_rows(store: ActivationStore) -> bool:
-    """The writer is done: the corpus ended, or it reached its --max-tokens target."""
-    cur = store.cursor
-    return bool(cur.get("exhausted") or cur.get("target_reached"))
-
-
-def _wait_for_block(store: ActivationStore, need: int, cfg: PipelineConfig, what: str) -> int:
-    """Wait until `need` rows are committed; returns min(need, rows). Returns fewer only
-    once the extraction has marked the store exhausted; raises after `follow_timeout_s`
-    without any new commit."""
-    last_seq, last_change = store.commit_seq, time.monotonic()
-    while True:
-        rows = store.refresh()
-        if rows >= need or _no_more_rows(store):
-            return min(need, rows)
-        if store.commit_seq != last_seq:
-            last_seq, last_change = store.commit_seq, time.monotonic()
-        elif time.monotonic() - last_change > cfg.follow_timeout_s:
-            raise StoreError(
-                f"follow mode: waited {cfg.follow_timeout_s:g}s for store {store.url} to reach "
-                f"{need} committed rows ({what}); it holds {rows} and nothing new was committed. "
-                f"Is the extraction still running? Raise follow_timeout_s, or train on the rows "
-                f"already there with mode=single or mode=repeat.")
-        time.sleep(cfg.follow_poll_s)
-
-
-class FollowIterator(grain.DatasetIterator):
-    """Batches from a store that is still being appended to; each committed row once.
-
-    Rows are consumed in blocks of R = follow_block_batches * batch_size rows: block k is
-    rows [k*R, (k+1)*R), used once all of it is committed, its (row, layer) pairs shuffled
-    with grain's permutation (seed + k) and split into global batches like the grain path
-    (so processes agree without talking). When the extraction marks the store exhausted,
-    the last partial block is used in whole global batches and iteration stops. Rows past
-    the committed count are never read. The normaliser is the float64 moments of block 0
-    (like the original, which froze the first shard's statistics), identical on every
-    process and after a restore. State: {"block", "batch"} plus a fingerprint of the
-    settings; a grain.checkpoint.CheckpointSave/Restore saves it like any grain iterator.
-    """
-
-    def __init__(self, pipeline: Pipeline):
-        super().__init__()
-        self._p = pipeline
-        self._store = pipeline.stores[0]
-        self._block = 0
-        self._batch = 0
-        self._block_size: int | None = None  # rows in the current block once known
-        self._reader: _Reader | None = None
-        self._done = False
-
-    def _fingerprint(self) -> dict:
-        p = self._p
-        return {"seed": p.cfg.seed, "global_batch_size": p.global_batch_size,
-                "process_index": p.process_index, "process_count": p.process_count,
-                "block_rows": p.follow_block_rows, "layers": list(p.layers), "url": p.cfg.urls[0]}
-
-    def get_state(self) -> dict:
-        return {"block": self._block, "batch": self._batch, **self._fingerprint()}
-
-    def set_state(self, state: dict) -> None:
-        mine = self._fingerprint()
-        diffs = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
-        if diffs:
-            raise ConfigError(f"follow iterator state was saved with other settings "
-                              f"(saved, now): {diffs}; rebuild the pipeline with the saved ones")
-        self._block, self._batch = int(state["block"]), int(state["batch"])
-        self._block_size, self._done = None, False
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        if self._closed:
-            raise ValueError("iterator is closed")
-        if self._done:
-            raise StopIteration
-        p, nl = self._p, len(self._p.layers)
-        if self._reader is None:
-            self._reader = p.reader(share_stores=True)  # waits for block 0 (statistics)
-        big_r = p.follow_block_rows
-        lo = self._block * big_r
-        if self._block_size is None:
-            got = _wait_for_block(self._store, lo + big_r, p.cfg, f"block {self._block}")
-            self._block_size = max(0, got - lo)
-        size = self._block_size
-        batches = size * nl // p.global_batch_size  # < follow_block_batches * nl only at the end
-        if self._batch >= batches:
-            self._done = True
-            raise StopIteration
-        start = self._batch * p.global_batch_size + p.process_index * p.local_batch_size
-        pos = np.arange(start, start + p.local_batch_size, dtype=np.int64)
-        ex = index_shuffle(pos, size * nl - 1, (p.cfg.seed + self._block) % 2**32)
-        out = self._reader.read(lo + ex % size, ex // size if nl > 1 else None)
-        self._batch += 1
-        if self._batch == batches and size == big_r:
-            self._block, self._batch, self._block_size = self._block + 1, 0, None
-        return out
-
-    def close(self) -> None:
-        self._closed = True
