@@ -200,30 +200,26 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_fit(args) -> int:
-    from glp_jax.scaling import fit_sweep, results_markdown
+    from glp_jax.scaling import fit_sweep, results_markdown, write_results
 
     result = fit_sweep(args.sweep_dir, final_only=args.final_only, n_boot=args.n_boot,
                        loss_column=args.loss_column)
-    out = Path(args.sweep_dir)
-    (out / "scaling.json").write_text(json.dumps(result, indent=1))
-    md = results_markdown(result)
-    (out / "scaling.md").write_text(md)
-    print(md)
-    print(f"\nwrote {out / 'scaling.json'} and {out / 'scaling.md'}")
+    json_path, md_path = write_results(args.sweep_dir, result)
+    print(results_markdown(result))
+    print(f"\nwrote {json_path} and {md_path}")
     return 0
 
 
 def cmd_plot(args) -> int:
     from glp_jax.plots import plot_sweep
-    from glp_jax.scaling import fit_sweep, load_runs
+    from glp_jax.scaling import RESULTS_JSON, fit_sweep, load_runs, read_results, write_results
 
     out = Path(args.sweep_dir)
-    fit_path = out / "scaling.json"
-    if fit_path.exists() and not args.refit:
-        result = json.loads(fit_path.read_text())
+    if (out / RESULTS_JSON).exists() and not args.refit:
+        result = read_results(out)
     else:
         result = fit_sweep(out, final_only=args.final_only, n_boot=args.n_boot)
-        fit_path.write_text(json.dumps(result, indent=1))
+        write_results(out, result)
     paths = plot_sweep(load_runs(out), result, Path(args.out or out / "plots"))
     for p in paths:
         print(p)

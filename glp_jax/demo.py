@@ -12,7 +12,6 @@ be changed with GLP_DEMO_* environment variables (see below).
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -60,7 +59,7 @@ def run_demo() -> int:
     from glp_jax.api import load
     from glp_jax.evals.frechet import frechet_distance
     from glp_jax.plots import plot_sweep
-    from glp_jax.scaling import fit_sweep, load_runs, results_markdown
+    from glp_jax.scaling import fit_sweep, load_runs, results_markdown, write_results
     from glp_jax.sweep import SweepPlan, run_local_sweep
 
     t0 = time.perf_counter()
@@ -78,9 +77,8 @@ def run_demo() -> int:
 
     t = time.perf_counter()
     result = fit_sweep(sweep_dir, n_boot=300)
-    (sweep_dir / "scaling.json").write_text(json.dumps(result, indent=1))
+    write_results(sweep_dir, result)
     md = results_markdown(result)
-    (sweep_dir / "scaling.md").write_text(md)
     plots = plot_sweep(load_runs(sweep_dir), result, DEMO_ROOT / "plots")
     timings["fit+plots"] = time.perf_counter() - t
 

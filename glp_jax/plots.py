@@ -51,7 +51,7 @@ def plot_loss_vs_compute(runs: Sequence[scaling.Run], result: dict, path: str | 
                label=f"compute-efficient frontier ({len(points)} fitted points)", **FRONTIER_STYLE)
     fit = result["loss_fit"]
     grid = _log_grid([p["compute"] for p in points])
-    ax.plot(grid, fit["E"] + fit["A"] * grid ** -fit["alpha"], label=_loss_law_label(fit),
+    ax.plot(grid, scaling.PowerLawFit.from_dict(fit).predict(grid), label=_loss_law_label(fit),
             **FIT_STYLE)
     ax.set_xscale("log")
     if log_y:
@@ -101,8 +101,7 @@ def plot_metric_vs_compute(runs: Sequence[scaling.Run], result: dict, metric: st
         ax.scatter(fit["x"], fit["y"], label=f"on the loss frontier ({fit['n_points']} fitted)",
                    **FRONTIER_STYLE)
         grid = _log_grid(fit["x"])
-        sign = -1.0 if fit["increasing"] else 1.0
-        ax.plot(grid, fit["a"] + sign * fit["b"] * grid ** -fit["beta"],
+        ax.plot(grid, scaling.SaturatingFit.from_dict(fit).predict(grid),
                 label=_saturating_label(fit, metric), **FIT_STYLE)
         ax.set_title(f"{_metric_label(metric)} vs compute")
     ax.set_xscale("log")
@@ -125,7 +124,7 @@ def plot_metric_vs_loss(runs: Sequence[scaling.Run], result: dict, metric: str,
         ax.set_title(f"{_metric_label(metric)} vs loss\n(not fitted: too few points)")
     else:
         grid = np.linspace(min(fit["x"]), max(fit["x"]), 50)
-        ax.plot(grid, fit["intercept"] + fit["slope"] * grid,
+        ax.plot(grid, scaling.LinearFit.from_dict(fit).predict(grid),
                 label=_linear_label(fit, metric), **FIT_STYLE)
         ax.set_title(f"{_metric_label(metric)} vs loss")
     ax.set_xlabel(_loss_axis_label(result))

@@ -269,6 +269,34 @@ def test_linear_vs_loss_recovers_the_line():
                             f"{scaling.format_number(-fit.slope)}·L"
 
 
+
+def _fits_of_each_kind():
+    compute = np.logspace(15, 19.3, 25)
+    loss = np.linspace(0.7, 1.6, 25)
+    return [
+        scaling.fit_power_law(compute, true_law(compute), n_boot=20, seed=0),
+        scaling.fit_downstream_vs_compute(compute, 0.63 - 3.92e6 * compute ** -0.42, n_boot=20),
+        scaling.fit_downstream_vs_compute(compute, 0.2 + 300 * compute ** -0.15, n_boot=0),
+        scaling.fit_linear_vs_loss(loss, 1.346 - 0.928 * loss, n_boot=20),
+    ]
+
+
+@pytest.mark.parametrize("through_json", [False, True])
+def test_from_dict_predicts_exactly_what_the_fit_predicts(through_json):
+    for fit in _fits_of_each_kind():
+        d = fit.to_dict()
+        if through_json:
+            d = json.loads(json.dumps(d))
+        back = type(fit).from_dict(d)
+        grid = np.logspace(14, 20, 50) if not isinstance(fit, scaling.LinearFit) \
+            else np.linspace(0.5, 2.0, 50)
+        np.testing.assert_array_equal(back.predict(grid), fit.predict(grid))
+        assert back.coefficients == fit.coefficients
+        assert back.formula() == fit.formula()
+        assert back.intervals == fit.intervals
+        assert back.to_dict() == fit.to_dict()
+
+
 # ----------------------------------------------------------------------------- sweeps on disk
 
 
@@ -372,3 +400,15 @@ def test_plots_write_nonblank_pngs(tmp_path):
     for path in paths:
         assert path.stat().st_size > 10_000
         assert mpimg.imread(path)[..., :3].std() > 0.05  # not a blank canvas
+
+
+def test_write_results_writes_both_files_and_reads_back(tmp_path):
+    sweep_dir = write_sweep(tmp_path / "sweep", seed=0)
+    result = scaling.fit_sweep(sweep_dir, n_boot=0, metrics=[])
+    json_path, md_path = scaling.write_results(sweep_dir, result)
+    assert (json_path, md_path) == (sweep_dir / "scaling.json", sweep_dir / "scaling.md")
+    assert json.loads(json_path.read_text()) == result == scaling.read_results(sweep_dir)
+    assert md_path.read_text() == scaling.results_markdown(result)
+    assert not list(sweep_dir.glob("*.tmp")) and not list(sweep_dir.glob(".*.tmp"))
+    with pytest.raises(GLPError, match="no scaling.json"):
+        scaling.read_results(tmp_path)
