@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -32,15 +33,20 @@ RESUME_KEYS = ("glp", "layers", "batch_size", "seed", "train_dataset", "data_mod
 
 
 def write_atomic(path, data: bytes | str) -> None:
-    """Write then rename, so a reader never sees half a file."""
+    """Write a temporary file beside `path`, then rename it over `path`: a reader never sees
+    half a file, and a killed writer leaves the old file intact."""
     if isinstance(data, str):
         data = data.encode()
     if "://" in str(path):  # object stores replace whole objects anyway
         path.write_bytes(data)
         return
-    tmp = path.parent / f".{path.name}.tmp"
-    tmp.write_bytes(data)
-    tmp.rename(path)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def read_metrics(path) -> list[dict]:
@@ -62,14 +68,15 @@ def read_metrics(path) -> list[dict]:
                 break
             raise GLPError(f"{path}:{i + 1} is not valid JSON ({e}); repair or delete "
                            "that line") from e
-        step = _as_float(obj.get("step")) if isinstance(obj, dict) else math.nan
+        step = as_float(obj.get("step")) if isinstance(obj, dict) else math.nan
         if not np.isfinite(step):
             continue
         by_step.setdefault(step, {}).update(obj)
     return [by_step[s] for s in sorted(by_step)]
 
 
-def _as_float(value: Any) -> float:
+def as_float(value: Any) -> float:
+    """A logged or configured value as float; NaN when missing, a bool or not a number."""
     if isinstance(value, bool) or value is None:
         return math.nan
     try:

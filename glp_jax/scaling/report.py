@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from glp_jax import rundir
 from glp_jax.errors import GLPError
 from glp_jax.scaling.fits import fit_downstream_vs_compute, fit_linear_vs_loss, fit_power_law
 from glp_jax.scaling.formatting import format_count, format_number
@@ -104,10 +104,8 @@ def write_results(sweep_dir: str | Path, result: dict) -> tuple[Path, Path]:
     killed writer) never sees a half-written file.
     """
     sweep_dir = Path(sweep_dir)
-    json_path, md_path = sweep_dir / RESULTS_JSON, sweep_dir / RESULTS_MD
-    _write_atomic(json_path, json.dumps(result, indent=1))
-    _write_atomic(md_path, results_markdown(result))
-    return json_path, md_path
+    json_path = rundir.write_results(sweep_dir, RESULTS_JSON[:-5], result, results_markdown(result))
+    return json_path, sweep_dir / RESULTS_MD
 
 
 def read_results(sweep_dir: str | Path) -> dict:
@@ -121,14 +119,6 @@ def read_results(sweep_dir: str | Path) -> dict:
         raise GLPError(f"{path} is not valid JSON ({e}); delete it and run `glp fit` "
                        "again") from e
 
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _fit_metric(runs, loss_curves, env: Frontier, metric: str, *, compute_column, min_activations,

@@ -17,10 +17,9 @@ from typing import Any
 import numpy as np
 
 from glp_jax.errors import GLPError
-from glp_jax.rundir import read_metrics
+from glp_jax.rundir import METRICS_FILE, as_float, read_metrics
 from glp_jax.scaling.formatting import format_count
 
-METRICS_FILE = "metrics.jsonl"
 CONFIG_FILES = ("config.json", "run.json", "config.yaml", "config.yml")
 COMPUTE_6ND = "compute_6nd"
 
@@ -163,16 +162,6 @@ def _find_key(config: Mapping, names: Sequence[str]) -> Any:
                 return node[name]
         queue.extend(v for v in node.values() if isinstance(v, Mapping))
     return None
-
-
-def as_float(value: Any) -> float:
-    """A logged or configured value as float; NaN when missing, a bool or not a number."""
-    if isinstance(value, bool) or value is None:
-        return math.nan
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
 
 
 def _as_int(value: Any) -> int | None:
