@@ -67,3 +67,23 @@ def test_errors(store_and_rows, tmp_path):
         PCAReconstruction(pca, 0)
     with pytest.raises(GLPError, match="glp pca"):
         PCA.load(tmp_path / "nothing")
+
+
+def test_recon_metrics_match_sklearn_r2_and_pca_variance_ratio(store_and_rows):
+    from sklearn.metrics import r2_score
+
+    from glp_jax.evals.recon import Identity, MeanAblation
+    from glp_jax.evals.recon_metrics import evaluate_recon
+
+    store, x = store_and_rows
+    pca = fit_pca(store, progress=False)
+    res = evaluate_recon({"pca": PCAReconstruction(pca, 3), "id": Identity(),
+                          "mean": MeanAblation(x.mean(0))}, x.astype(np.float32))
+    want = r2_score(x, PCAReconstruction(pca, 3)(x.astype(np.float32)),
+                    multioutput="variance_weighted")
+    assert res["pca"]["explained_variance"] == pytest.approx(want, rel=1e-6)
+    # On the rows it was fitted on, PCA's explained variance is its eigenvalue ratio.
+    assert res["pca"]["explained_variance"] == pytest.approx(pca.explained_variance_ratio(3),
+                                                             abs=1e-5)
+    assert res["id"]["nmse"] == 0.0 and res["id"]["cosine"] == pytest.approx(1.0)
+    assert res["mean"]["explained_variance"] == pytest.approx(0.0, abs=1e-6)
