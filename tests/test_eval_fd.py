@@ -175,3 +175,12 @@ def test_samples_identical_on_one_and_four_devices(setup, tmp_path):
     # smaller per-device blocks
     np.testing.assert_array_equal(np.load(tmp_path / "x.npy.noise.npy"), batch_noise(0, 1, 64, D))
     np.testing.assert_allclose(np.load(tmp_path / "x.npy"), one, rtol=1e-5, atol=1e-5)
+
+
+def test_effective_batch_pads_little_and_ignores_device_count():
+    from glp_jax.evals.sampling import effective_batch
+
+    assert effective_batch(50_000, 4096, 1) == effective_batch(50_000, 4096, 8) == 3904
+    assert 13 * 3904 - 50_000 < 64
+    assert effective_batch(100, 64, 1) == 64 and effective_batch(4096, 4096, 4) == 4096
+    assert effective_batch(50_000, 4096, 6) % 6 == 0

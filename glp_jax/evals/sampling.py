@@ -8,12 +8,14 @@ the samples up to float rounding (per-device matmul blocks of another size round
 differently: ~1e-6 absolute after 4 Euler steps on CPU, 1 vs 4 devices).
 
 One jitted, ahead-of-time compiled function per (model structure, batch, steps, mesh);
-the parameters and normaliser statistics are arguments, not baked-in constants. The last
-batch is padded to the full shape and trimmed on the host.
+the parameters and normaliser statistics are arguments, not baked-in constants. The batch
+is sized to pad as little as possible (`effective_batch`); the last batch is padded to the
+full shape and trimmed on the host.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from functools import partial
@@ -30,22 +32,17 @@ from glp_jax.sharding import batch_sharding, make_mesh, replicated, tree_shardin
 _COMPILED: dict = {}  # (graphdef, steps, batch, d, mesh, has_ids, dtype) -> compiled fn
 
 
-def _bucket(n: int, smallest: int = 64) -> int:
-    """Next power of two >= n (at least `smallest`)."""
-    b = smallest
-    while b < n:
-        b *= 2
-    return b
-
-
-def effective_batch(n: int, batch_size: int, n_devices: int) -> int:
-    """The global batch: batch_size, or the next power of two >= n for small n, rounded up
-    to a multiple of the device count (so the shape, and the samples, are the same for any
-    device count that divides it)."""
-    if batch_size < 1:
-        raise ConfigError(f"batch_size={batch_size}: must be positive")
-    b = min(batch_size, _bucket(n))
-    return -(-b // n_devices) * n_devices
+def effective_batch(n: int, batch_size: int, n_devices: int, multiple: int = 64) -> int:
+    """The global batch for n samples: as few batches as batch_size allows, each as small as
+    that count needs (50,000 at 4096 -> 13 batches of 3,904, not 4,096: 0.2% padding instead
+    of 6%), rounded up to a multiple of lcm(multiple, n_devices). The shape, hence every
+    sample, is then the same on any device count dividing `multiple` (1, 2, 4, ..., 64)."""
+    if batch_size < 1 or n < 1:
+        raise ConfigError(f"batch_size={batch_size}, n={n}: both must be positive")
+    n_batches = -(-n // batch_size)
+    per = -(-n // n_batches)
+    m = math.lcm(multiple, n_devices)
+    return -(-per // m) * m
 
 
 def _noise(key, b, batch: int, d: int, mesh) -> jax.Array:
