@@ -181,6 +181,6 @@ def test_effective_batch_pads_little_and_ignores_device_count():
     from glp_jax.evals.sampling import effective_batch
 
     assert effective_batch(50_000, 4096, 1) == effective_batch(50_000, 4096, 8) == 3904
-    assert 13 * 3904 - 50_000 < 64
+    assert 13 * 3904 - 50_000 < 13 * 64  # at most one 64-row granule per batch
     assert effective_batch(100, 64, 1) == 64 and effective_batch(4096, 4096, 4) == 4096
     assert effective_batch(50_000, 4096, 6) % 6 == 0
