@@ -232,6 +232,61 @@ def cmd_demo(args) -> int:
     return run_demo()
 
 
+def _eval_out(args) -> Path:
+    return Path(args.out) if args.out else Path(args.targets[0]) / "evals"
+
+
+def cmd_eval_fd(args) -> int:
+    from glp_jax.evals.tables import fd_table
+
+    out = _eval_out(args)
+    res = fd_table(args.targets, n=args.n, steps=args.steps, steps_list=_ints(args.steps_list),
+                   seed=args.seed, pca_k=args.pca_k, batch_size=args.batch_size, out_dir=out,
+                   progress=not args.quiet)
+    best = min(res["rows"], key=lambda x: x["fd"]) if res["rows"] else None
+    print(f"FD lower bound {res['fd_lower_bound']:.4g}"
+          + (f"; best {best['method']}: {best['fd']:.4g}" if best else "")
+          + f" -> {out / 'table1.md'}")
+    return 0
+
+
+def cmd_eval_delta_lm(args) -> int:
+    from glp_jax.evals.delta_lm import summarize_delta_lm
+    from glp_jax.evals.tables import delta_lm_table
+
+    out = _eval_out(args)
+    res = delta_lm_table(args.targets, n_seqs=args.n_seqs, length=args.length,
+                         pca_k=args.pca_k, seed=args.seed, sigma0=args.sigma0,
+                         steps=args.proj_steps, convention=args.convention,
+                         batch_size=args.batch_size, out_dir=out, progress=not args.quiet)
+    print(summarize_delta_lm(res) + f" -> {out / 'table2.md'}")
+    return 0
+
+
+def cmd_eval_recon(args) -> int:
+    from glp_jax.evals.tables import recon_table
+
+    out = _eval_out(args)
+    res = recon_table(args.targets, n=args.n, pca_k=args.pca_k, seed=args.seed,
+                      sigma0=args.sigma0, steps=args.proj_steps, convention=args.convention,
+                      out_dir=out)
+    print(", ".join(f"{k}: explained variance {m['explained_variance']:.4f}"
+                    for k, m in res["methods"].items()) + f" -> {out / 'recon.md'}")
+    return 0
+
+
+def cmd_pca(args) -> int:
+    from glp_jax.data.store import ActivationStore
+    from glp_jax.pca import fit_pca
+
+    store = ActivationStore.open(args.store)
+    pca = fit_pca(store, layer=args.layer, max_rows=args.max_rows, progress=not args.quiet)
+    pca.save(args.out)
+    print(f"PCA of {pca.info['rows']:,} rows x d={pca.d} -> {args.out}; explained variance "
+          f"k=8 {pca.explained_variance_ratio(8):.3f}, k=32 {pca.explained_variance_ratio(32):.3f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from glp_jax.config import STORE_DTYPES, TOKEN_POLICIES, ExtractConfig
 
@@ -331,6 +386,45 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--final-only", action="store_true")
     pl.add_argument("--n-boot", type=int, default=1000)
     pl.set_defaults(fn=cmd_plot)
+
+    ev = sub.add_parser("eval", help="evaluate runs, sweeps and baselines (Tables 1-2)")
+    evsub = ev.add_subparsers(dest="eval_cmd", required=True)
+    targets_help = ("GLP runs, sweep folders (every run below), SAE runs, PCA folders "
+                    "(`glp pca`); the first one's evals/ is the default --out")
+    efd = evsub.add_parser("fd", help="Frechet distance to held-out activations (Table 1)")
+    edl = evsub.add_parser("delta-lm", help="increase of LM loss when the layer is "
+                           "replaced by its reconstruction (Table 2)")
+    erc = evsub.add_parser("recon", help="reconstruction metrics (NMSE, explained variance)")
+    for q in (efd, edl, erc):
+        q.add_argument("targets", nargs="+", help=targets_help)
+        q.add_argument("--out", default=None, help="folder for the table (JSON + Markdown)")
+        q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--pca-k", type=int, default=32, help="PCA components (default: the "
+                       "SAE's k, the same number of active dimensions)")
+        q.add_argument("--quiet", action="store_true")
+    for q in (edl, erc):
+        q.add_argument("--sigma0", type=float, default=0.5, help="GLP projection noise level")
+        q.add_argument("--proj-steps", type=int, default=20, help="GLP projection grid size")
+        q.add_argument("--convention", default="code", choices=["code", "paper"])
+    efd.add_argument("--n", type=int, default=50_000, help="samples and reference rows")
+    efd.add_argument("--steps", type=int, default=1000, help="Euler steps of the headline FD")
+    efd.add_argument("--steps-list", default="1,2,4,10,20,50,100,250,1000")
+    efd.add_argument("--batch-size", type=int, default=4096)
+    efd.set_defaults(fn=cmd_eval_fd)
+    edl.add_argument("--n-seqs", type=int, default=2048)
+    edl.add_argument("--length", type=int, default=128)
+    edl.add_argument("--batch-size", type=int, default=8)
+    edl.set_defaults(fn=cmd_eval_delta_lm)
+    erc.add_argument("--n", type=int, default=50_000, help="held-out rows")
+    erc.set_defaults(fn=cmd_eval_recon)
+
+    pc = sub.add_parser("pca", help="fit the PCA baseline on a store (float64, streamed)")
+    pc.add_argument("store")
+    pc.add_argument("--out", required=True)
+    pc.add_argument("--layer", type=int, default=None)
+    pc.add_argument("--max-rows", type=int, default=None)
+    pc.add_argument("--quiet", action="store_true")
+    pc.set_defaults(fn=cmd_pca)
 
     dm = sub.add_parser("demo", help="the end-to-end demo on the embedded model and corpus")
     dm.set_defaults(fn=cmd_demo)

@@ -109,3 +109,22 @@ def _bucket(n: int, smallest: int = 64) -> int:
     while b < n:
         b *= 2
     return b
+
+
+def load_reconstructor(path, *, pca_k: int = 32, sigma0: float = 0.5, steps: int = 20,
+                       convention: str = "code", seed: int = 0) -> Reconstructor:
+    """The reconstructor stored at `path`: a PCA folder (pca.npz, top `pca_k` components),
+    an SAE run, or a GLP run / original-format folder (on-manifold projection)."""
+    from pathlib import Path
+
+    from glp_jax.pca import PCA, PCA_NPZ, PCAReconstruction
+
+    if (Path(path) / PCA_NPZ).is_file():
+        return PCAReconstruction(PCA.load(path), pca_k)
+    from glp_jax.api import LoadedGLP, load
+
+    loaded = load(path)
+    if isinstance(loaded, LoadedGLP):
+        return GLPProjection(loaded, sigma0=sigma0, steps=steps, convention=convention,
+                             seed=seed)
+    return loaded  # an SAE: already a Reconstructor

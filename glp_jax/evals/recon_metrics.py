@@ -48,4 +48,6 @@ def recon_markdown(result: dict) -> str:
         dead = f"{m['dead_fraction']:.3f}" if "dead_fraction" in m else "-"
         lines.append(f"| {name} | {m['nmse']:.4f} | {m['explained_variance']:.4f} | "
                      f"{m['cosine']:.4f} | {l0} | {dead} |")
-    return "\n".join(lines) + f"\n\n{result['n_rows']} held-out rows ({result['reference']}).\n"
+    ref = result.get("reference", "")
+    ref = ref.get("selection", "") if isinstance(ref, dict) else ref
+    return "\n".join(lines) + f"\n\n{result['n_rows']} held-out rows ({ref}).\n"
