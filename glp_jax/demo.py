@@ -5,7 +5,9 @@
        loss at log-spaced steps (experiments/cpu/sweep.yaml)
     3. fit L(C) = E + A C^-alpha on the compute-efficient frontier, with bootstrap intervals
     4. plots (PNG)
-    5. sample from the best model; Frechet distance of samples vs held-out activations
+    5. baselines on the same store: a TopK SAE (trained like the GLPs) and PCA
+    6. Table 1 (Frechet distance per depth, lower bound, SAE, PCA) and Table 2 (delta LM
+       loss per method), at reduced sizes stated in the output
 Each step is skipped when its output is already complete, so a rerun is quick. Sizes can
 be changed with GLP_DEMO_* environment variables (see below).
 """
@@ -26,8 +28,14 @@ TRAIN_ROWS = int(os.environ.get("GLP_DEMO_TRAIN_ROWS", 120_000))
 VAL_ROWS = int(os.environ.get("GLP_DEMO_VAL_ROWS", 8_000))
 DEPTHS = tuple(int(x) for x in os.environ.get("GLP_DEMO_DEPTHS", "1 2 4 8").split())
 BUDGET = int(float(os.environ.get("GLP_DEMO_ACTIVATIONS", 614_400)))
-SAMPLES = int(os.environ.get("GLP_DEMO_SAMPLES", 4000))
-SWEEP_CONFIG = "experiments/cpu/sweep.yaml"  # resolved like any config= (config.find_config_file)
+SAE_BUDGET = int(float(os.environ.get("GLP_DEMO_SAE_ACTIVATIONS", 614_400)))
+FD_SAMPLES = int(os.environ.get("GLP_DEMO_SAMPLES", 4000))
+FD_STEPS = 100
+FD_STEPS_LIST = (1, 4, 20, 100)
+DLM_SEQS = int(os.environ.get("GLP_DEMO_DLM_SEQS", 64))
+DLM_LENGTH = 64
+# Resolved like any config= (config.find_config_file).
+SWEEP_CONFIG, SAE_CONFIG = "experiments/cpu/sweep.yaml", "experiments/cpu/sae.yaml"
 
 
 def extract_demo_data(root: Path = DEMO_ROOT) -> dict[str, ActivationStore]:
@@ -55,9 +63,30 @@ def extract_demo_data(root: Path = DEMO_ROOT) -> dict[str, ActivationStore]:
     return stores
 
 
+def train_baselines(stores: dict[str, ActivationStore], root: Path = DEMO_ROOT) -> dict[str, Path]:
+    """The SAE (same pipeline, optimizer and checkpoints as the GLPs) and PCA baselines."""
+    from glp_jax.config import load_config
+    from glp_jax.pca import PCA_NPZ, fit_pca
+    from glp_jax.rundir import RunDir
+    from glp_jax.train import train
+
+    sae_dir, pca_dir = root / "sae", root / "pca"
+    if not RunDir(sae_dir).finished():
+        cfg = load_config([f"config={SAE_CONFIG}", f"train_dataset={stores['train'].url}",
+                           f"val_dataset={stores['val'].url}", f"output_path={sae_dir}",
+                           f"num_activations={SAE_BUDGET}"])
+        print(f"[demo] SAE baseline: width {cfg.sae_width}, k={cfg.sae_k}, "
+              f"{cfg.total_steps} steps of {cfg.batch_size} -> {sae_dir}")
+        train(cfg)
+    if not (pca_dir / PCA_NPZ).is_file():
+        print(f"[demo] PCA baseline (float64, streamed) -> {pca_dir}")
+        fit_pca(stores["train"]).save(pca_dir)
+    return {"sae": sae_dir, "pca": pca_dir}
+
+
 def run_demo() -> int:
-    from glp_jax.api import load
-    from glp_jax.evals.frechet import frechet_distance
+    from glp_jax.evals.delta_lm import delta_lm_markdown
+    from glp_jax.evals.tables import delta_lm_table, fd_table, fd_table_markdown
     from glp_jax.plots import plot_sweep
     from glp_jax.scaling import fit_sweep, load_runs, results_markdown, write_results
     from glp_jax.sweep import SweepPlan, run_local_sweep
@@ -76,48 +105,45 @@ def run_demo() -> int:
     timings["sweep"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    baselines = train_baselines(stores)
+    timings["baselines"] = time.perf_counter() - t
+
+    t = time.perf_counter()
     result = fit_sweep(sweep_dir, n_boot=300)
     write_results(sweep_dir, result)
-    md = results_markdown(result)
     plots = plot_sweep(load_runs(sweep_dir), result, DEMO_ROOT / "plots")
     timings["fit+plots"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    runs = load_runs(sweep_dir)
-    best = min(runs, key=lambda r: float(np.nanmin(r.column("val_loss"))))
-    glp = load(best.path)
-    samples = glp.sample(SAMPLES, steps=100, seed=0)
-    val, train_ref = (_random_rows(stores[k], SAMPLES, seed=i) for i, k in enumerate(("val", "train")))
-    fd_samples = frechet_distance(samples, val)
-    fd_floor = frechet_distance(train_ref, val)
-    np.save(DEMO_ROOT / "samples.npy", samples)
-    timings["sample+fd"] = time.perf_counter() - t
+    evals_dir = DEMO_ROOT / "evals"
+    targets = [sweep_dir, baselines["sae"], baselines["pca"]]
+    print(f"[demo] Table 1: FD of {FD_SAMPLES:,} samples per depth (reduced from the paper's "
+          f"50,000 x 1,000 Euler steps to {FD_SAMPLES:,} x {FD_STEPS})")
+    table1 = fd_table(targets, n=FD_SAMPLES, steps=FD_STEPS, steps_list=FD_STEPS_LIST,
+                      out_dir=evals_dir)
+    timings["fd"] = time.perf_counter() - t
+    t = time.perf_counter()
+    print(f"[demo] Table 2: delta LM loss on {DLM_SEQS} held-out sequences of {DLM_LENGTH} "
+          f"tokens (reduced from the paper's 2,048 x 128)")
+    table2 = delta_lm_table(targets, n_seqs=DLM_SEQS, length=DLM_LENGTH, out_dir=evals_dir)
+    timings["delta-lm"] = time.perf_counter() - t
 
-    print("\n" + md)
+    print("\n" + results_markdown(result))
+    print("\n" + fd_table_markdown(table1))
+    print("\n" + delta_lm_markdown(table2))
     print("\n## Demo summary\n")
     print("| step | result |")
     print("|---|---|")
     for split, s in stores.items():
         print(f"| {split} activations | {len(s):,} rows x d={s.d}, layer {s.layers[0]} ({s.url}) |")
+    runs = load_runs(sweep_dir)
+    best = min(runs, key=lambda r: float(np.nanmin(r.column("val_loss"))))
     vl = float(np.nanmin(best.column("val_loss")))
     print(f"| best model | {best.name} ({int(best.params):,} params), held-out loss {vl:.4f} |")
-    print(f"| samples | {SAMPLES} x 100 Euler steps -> {DEMO_ROOT / 'samples.npy'} |")
-    print(f"| Frechet distance | samples vs val {fd_samples:.2f}; train vs val (floor) "
-          f"{fd_floor:.2f}; |mu|^2+tr S of val {_fd_scale(val):.1f} |")
+    print(f"| baselines | SAE {baselines['sae']}, PCA {baselines['pca']} |")
+    print(f"| tables | {evals_dir / 'table1.md'}, {evals_dir / 'table2.md'} |")
     for p in plots:
         print(f"| plot | {p} |")
     print("| time | " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
           + f", total {time.perf_counter() - t0:.0f} s |")
     return 0
-
-
-def _random_rows(store: ActivationStore, n: int, seed: int) -> np.ndarray:
-    """n rows drawn uniformly (without replacement) from the whole store."""
-    idx = np.random.default_rng(seed).choice(len(store), min(n, len(store)), replace=False)
-    return store.read_rows(idx)
-
-
-def _fd_scale(x: np.ndarray) -> float:
-    """FD of x against a point mass at 0: puts FD numbers on a scale."""
-    x = np.asarray(x, np.float64)
-    return float(np.sum(x.mean(0) ** 2) + np.trace(np.cov(x, rowvar=False)))
