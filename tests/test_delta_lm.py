@@ -212,3 +212,24 @@ def test_sequences_of_run_use_the_training_split(smollm2, tmp_path):
         sequences_of_run(fake_run("gone", str(tmp_path / "missing.txt")), smollm2.tokenizer)
     with pytest.raises(GLPError, match="unknown delta-lm method"):
         delta_lm_of_run(tmp_path / "ok", methods=["pca"], lm=smollm2, write=False)
+
+
+def test_glp_projection_is_reproducible(smollm2, seqs):
+    """A (random-init, small) GLP through the real hook: finite, one call per batch, and a
+    fresh GLPProjection with the same seed gives the same numbers bit for bit."""
+    from flax import nnx
+
+    from glp_jax.api import LoadedGLP
+    from glp_jax.evals.recon import GLPProjection
+    from glp_jax.model import GLP, GLPConfig, Normalizer
+
+    d = smollm2.d
+    cfg = GLPConfig(d_input=d, n_layers=1, d_model=64, d_mlp=128).resolved()
+    glp = LoadedGLP(GLP(cfg, rngs=nnx.Rngs(0)),
+                    Normalizer.from_moments(np.zeros(d), np.full(d, 25.0)), cfg, [], "random")
+    a, b = (run(smollm2, {"glp": GLPProjection(glp, seed=3)}, seqs, batch_size=4)
+            for _ in range(2))
+    assert np.isfinite(a["delta"]["glp"]) and a["delta"]["glp"] != 0.0
+    assert a["delta"] == b["delta"] and a["loss_token_weighted"] == b["loss_token_weighted"]
+    assert a["timing"]["glp"]["recon_calls"] == -(-N_SEQS // 4)
+    assert a["methods"]["glp"]["sigma0"] == 0.5
