@@ -18,7 +18,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +29,6 @@ from flax import nnx
 from glp_jax import flow, sae
 from glp_jax.checkpoint import RunCheckpoints, abstract_with_shardings
 from glp_jax.config import TrainConfig
-from glp_jax.data.pipeline import Pipeline, build_pipeline
 from glp_jax.data.store import ActivationStore
 from glp_jax.errors import ConfigError, GLPError
 from glp_jax.layers import layer_position
@@ -44,6 +43,9 @@ from glp_jax.model import (
 from glp_jax.rundir import RunDir, epoch_step, jsonable
 from glp_jax.sae import SAEConfig, TopKSAE
 from glp_jax.sharding import batch_sharding, global_batch, make_mesh, replicated, tree_shardings
+
+if TYPE_CHECKING:
+    from glp_jax.data.pipeline import Pipeline
 
 
 class TrainingDivergedError(GLPError):
@@ -393,6 +395,8 @@ def train(cfg: TrainConfig, mesh=None, stop_after_steps: int | None = None) -> d
         raise ConfigError(f"batch_size {cfg.batch_size} (per micro-batch "
                           f"{cfg.batch_size // cfg.gradient_accumulation_steps}) must be divisible "
                           f"by the {n_dev} devices")
+    from glp_jax.data.pipeline import build_pipeline  # grain: only when training
+
     pipe = build_pipeline(cfg.pipeline_config())
     multi = len(pipe.layers) > 1
     spec = model_spec(cfg, pipe.d, len(pipe.layers))
