@@ -298,3 +298,19 @@ def test_sharded_cli_run_matches_one_device(stores, run, tmp_path):
         for c in ("loss", "nmse", "val_nmse"):
             if c in a:
                 assert b[c] == pytest.approx(a[c], rel=2e-4), (a["step"], c)
+
+
+def test_cpu_config_and_aot_compile():
+    from pathlib import Path
+
+    from glp_jax.config import load_config
+    from glp_jax.train import compile_step, sae_config_for
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "cpu" / "sae.yaml"
+    cfg = load_config([f"config={path}"])
+    assert cfg.model == "sae" and cfg.sae_k == 32
+    assert sae_config_for(cfg, 576) == SAEConfig(576, 8 * 576, 32)
+    small = make_config({**cfg.to_dict(), "batch_size": 64})
+    res = compile_step(small, SAEConfig(32, 256, 8))
+    # XLA's count covers at least the three matmuls of forward + backward per Linear.
+    assert res["flops"] >= 3 * sae.matmul_flops_per_example(SAEConfig(32, 256, 8)) * 64
