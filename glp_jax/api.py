@@ -1,4 +1,6 @@
-"""`glp_jax.load(run_dir)`: a trained GLP ready to sample, project and encode.
+"""`glp_jax.load(run_dir)`: a trained GLP ready to sample, project and encode, or (for a
+run trained with model=sae) a `LoadedSAE` (glp_jax/sae.py) that encodes, decodes and
+reconstructs.
 
 Accepts our run directories (orbax checkpoints) and folders in the original release's
 layout (`config.yaml`, `rep_statistics.pt`, `final.safetensors`), so the public
@@ -20,6 +22,7 @@ from glp_jax import flow
 from glp_jax.errors import CheckpointError
 from glp_jax.layers import layer_position
 from glp_jax.model import GLP, GLPConfig, Normalizer, abstract_glp
+from glp_jax.sae import LoadedSAE, SAEConfig, abstract_sae
 
 
 @dataclass
@@ -87,8 +90,8 @@ def _encode(model, x, key, ids, sigma):
     return flow.meta_neurons(lambda z, s: model(z, s, ids, return_meta=True), x, key, sigma)
 
 
-def load(run_dir: str | Path, step: int | str = "latest") -> LoadedGLP:
-    """Load a run (ours or the original release's layout). step: int, 'latest', or
+def load(run_dir: str | Path, step: int | str = "latest") -> LoadedGLP | LoadedSAE:
+    """Load a run (ours or the original release's layout; an SAE run gives a LoadedSAE). step: int, 'latest', or
     'epoch_N' (our log-spaced epoch checkpoints; original: checkpoints/epoch_N)."""
     from glp_jax.checkpoint import run_path
 
@@ -105,18 +108,11 @@ def load(run_dir: str | Path, step: int | str = "latest") -> LoadedGLP:
     return _load_ours(run_dir, step)
 
 
-def _load_ours(run_dir: Path, step) -> LoadedGLP:
+def _restore_module(run, run_dir, abstract_module, step):
+    """(module with the checkpoint's parameters, step) of one of our runs."""
     from glp_jax.checkpoint import RunCheckpoints, abstract_with_shardings
-    from glp_jax.rundir import RunDir
     from glp_jax.sharding import make_mesh, tree_shardings
 
-    run = RunDir(run_dir)
-    if not run.started():
-        raise CheckpointError(f"{run_dir} is not a training run (no run.json) nor an original-"
-                              f"format folder (no config.yaml)")
-    resolved = run.resolved()
-    glp_cfg = GLPConfig.from_dict(resolved["glp"]).resolved()
-    normalizer = run.normalizer()
     ckpt = RunCheckpoints(run_dir, async_save=False, keep_last_n=10**9)
     step_n = run.step_of(step)
     if step_n is None:
@@ -125,9 +121,26 @@ def _load_ours(run_dir: Path, step) -> LoadedGLP:
             raise CheckpointError(f"{run_dir} has no complete checkpoint yet")
     mesh = make_mesh(-1, 1)
     with jax.set_mesh(mesh):
-        graphdef, abs_params = nnx.split(abstract_glp(glp_cfg))
+        graphdef, abs_params = nnx.split(abstract_module)
         params = ckpt.restore_params(
             step_n, abstract_with_shardings(abs_params, tree_shardings(abs_params, mesh)))
     ckpt.close()
-    model = nnx.merge(graphdef, params)
+    return nnx.merge(graphdef, params), step_n
+
+
+def _load_ours(run_dir: Path, step) -> LoadedGLP | LoadedSAE:
+    from glp_jax.rundir import RunDir
+
+    run = RunDir(run_dir)
+    if not run.started():
+        raise CheckpointError(f"{run_dir} is not a training run (no run.json) nor an original-"
+                              f"format folder (no config.yaml)")
+    resolved = run.resolved()
+    normalizer = run.normalizer()
+    if resolved.get("model") == "sae" or "sae" in resolved:
+        sae_cfg = SAEConfig.from_dict(resolved["sae"]).resolved()
+        model, step_n = _restore_module(run, run_dir, abstract_sae(sae_cfg), step)
+        return LoadedSAE(model.arrays(), normalizer, sae_cfg, str(run_dir), step_n)
+    glp_cfg = GLPConfig.from_dict(resolved["glp"]).resolved()
+    model, step_n = _restore_module(run, run_dir, abstract_glp(glp_cfg), step)
     return LoadedGLP(model, normalizer, glp_cfg, list(resolved.get("layers", [])), str(run_dir), step_n)

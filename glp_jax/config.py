@@ -35,6 +35,9 @@ def total_steps_of(num_steps: int | None, num_activations: int | None, batch_siz
     raise ConfigError("set num_steps or num_activations (run length)")
 
 
+MODELS = ("glp", "sae")
+
+
 @dataclass
 class TrainConfig:
     """One training run. The data keys are run-level: `pipeline_config()` translates them to
@@ -54,6 +57,14 @@ class TrainConfig:
     d_mlp: int | None = None
     n_layers: int = 3
     multi_layer_n_layers: int | None = None
+    # which model: glp (the denoiser) | sae (the TopK SAE baseline, glp_jax/sae.py)
+    model: str = "glp"
+    sae_width: int | None = None  # latents; None = sae_expansion * d
+    sae_expansion: int = 16
+    sae_k: int = 32  # non-zero latents per activation
+    sae_dead_tokens: int = 10_000_000  # a latent is dead after this many tokens without firing
+    sae_aux_k: int = 0  # AuxK: dead latents reconstructing the residual (0 = off; Gao: 512)
+    sae_aux_coef: float = 1 / 32
     # optimisation (the original recipe, GLP_SPEC.md section 4)
     batch_size: int = BATCH_SIZE
     gradient_accumulation_steps: int = 1
@@ -106,6 +117,17 @@ class TrainConfig:
         check_mode(self.data_mode, "data_mode")
         if self.sigma_sampling not in ("discrete", "continuous"):
             raise ConfigError(f"sigma_sampling must be discrete or continuous, got {self.sigma_sampling!r}")
+        if self.model not in MODELS:
+            raise ConfigError(f"model must be one of {MODELS} (glp: the denoiser, sae: the TopK "
+                              f"SAE baseline), got {self.model!r}")
+        for name in ("sae_expansion", "sae_k", "sae_dead_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.sae_width is not None and self.sae_width < self.sae_k:
+            raise ConfigError(f"sae_width={self.sae_width} must be >= sae_k={self.sae_k}")
+        if self.sae_aux_k < 0 or self.sae_aux_coef < 0:
+            raise ConfigError(f"sae_aux_k and sae_aux_coef must be >= 0, got {self.sae_aux_k}, "
+                              f"{self.sae_aux_coef}")
         if self.n_layers <= 0:
             raise ConfigError(f"n_layers must be positive, got {self.n_layers}")
         for name in ("log_every_n_steps", "save_every_n_steps"):

@@ -1,6 +1,7 @@
 """The files of one run folder, and the one place that reads or writes them.
 
-    run.json        resolved settings (TrainConfig + GLPConfig + layers + run info)
+    run.json        resolved settings (TrainConfig + GLPConfig under "glp" or SAEConfig
+                    under "sae" + layers + run info)
     config.json     the TrainConfig as given
     normalizer.npz  the exact statistics the run normalises with
     metrics.jsonl   one JSON row per logged step (torn last line tolerated)
@@ -28,7 +29,7 @@ RUN_FILE, CONFIG_FILE, NORMALIZER_FILE = "run.json", "config.json", "normalizer.
 METRICS_FILE, EVALS_DIR = "metrics.jsonl", "evals"
 
 # A rerun into an existing folder must agree on these, or it is another run.
-RESUME_KEYS = ("glp", "layers", "batch_size", "seed", "train_dataset", "data_mode",
+RESUME_KEYS = ("glp", "sae", "layers", "batch_size", "seed", "train_dataset", "data_mode",
                "sigma_sampling", "learning_rate", "num_steps", "num_activations")
 
 
@@ -153,6 +154,8 @@ class RunDir:
         saved = self.resolved()
         diffs = [f"{k}: run has {saved.get(k)!r}, now {now.get(k)!r}"
                  for k in RESUME_KEYS if saved.get(k) != now.get(k)]
+        if saved.get("model", "glp") != now.get("model", "glp"):  # runs before SAEs: glp
+            diffs.insert(0, f"model: run has {saved.get('model', 'glp')!r}, now {now.get('model')!r}")
         if now.get("data_mode") != "follow" and saved.get("train_rows") != now.get("train_rows"):
             diffs.append(f"train rows: the run started on {saved.get('train_rows')} rows, the "
                          f"store now holds {now.get('train_rows')} (the shuffle and the "

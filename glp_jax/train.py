@@ -1,4 +1,10 @@
-"""Training loop: flow-matching loss, optax AdamW, sharded jit step, orbax checkpoints.
+"""Training loop: optax AdamW, sharded jit step, orbax checkpoints, for the GLP
+(flow-matching loss) and its TopK SAE baseline (glp_jax/sae.py) alike.
+
+What differs between the two models is a `ModelSpec` (GLPSpec, SAESpec): the module, its
+loss with auxiliary metrics, optional extra training state (the SAE's dead-latent
+counter), a post-update hook (the SAE's decoder renormalisation), the validation metrics,
+size and FLOPs, and the run.json key. `train()` is one loop for both.
 
 The step is a pure function of (params, optimizer state, global batch, step): the noise
 and sigma keys are `fold_in(seed key, step)`, so a run resumed from a checkpoint (params,
@@ -8,12 +14,11 @@ optimizer state, data-iterator state) reproduces the uninterrupted loss trajecto
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -21,10 +26,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from glp_jax import flow
+from glp_jax import flow, sae
 from glp_jax.checkpoint import RunCheckpoints, abstract_with_shardings
 from glp_jax.config import TrainConfig
-from glp_jax.data.pipeline import Pipeline, build_pipeline
 from glp_jax.data.store import ActivationStore
 from glp_jax.errors import ConfigError, GLPError
 from glp_jax.layers import layer_position
@@ -37,7 +41,11 @@ from glp_jax.model import (
     param_count,
 )
 from glp_jax.rundir import RunDir, epoch_step, jsonable
+from glp_jax.sae import SAEConfig, TopKSAE
 from glp_jax.sharding import batch_sharding, global_batch, make_mesh, replicated, tree_shardings
+
+if TYPE_CHECKING:
+    from glp_jax.data.pipeline import Pipeline
 
 
 class TrainingDivergedError(GLPError):
@@ -81,16 +89,20 @@ def loss_fn(params, graphdef, x_BxD, layer_B, key, *, compute_dtype, discrete: b
     return flow.flow_loss(v_BxD, flow.velocity_target(x_BxD, eps_BxD))
 
 
-def make_train_step(graphdef, tx, *, accum: int, compute_dtype, discrete: bool,
-                    remat: bool = False):
-    """(params, opt_state, x, layer, step, base_key) -> (params, opt_state, loss, grad_norm)."""
-    grad_fn = jax.value_and_grad(partial(loss_fn, remat=remat))
+def make_step(loss, tx, *, accum: int, post_update: Callable | None = None):
+    """The generic step of any model.
 
-    def step_fn(params, opt_state, x_BxD, layer_B, step, base_key):
+    loss(params, x, layer, key, stats) -> (scalar, (aux metrics dict, new stats)); stats is
+    extra training state (None for the GLP). Returns the pure step
+    (params, opt_state, stats, x, layer, step, base_key)
+        -> (params, opt_state, stats, loss, grad_norm, aux).
+    """
+    grad_fn = jax.value_and_grad(loss, has_aux=True)
+
+    def step_fn(params, opt_state, stats, x_BxD, layer_B, step, base_key):
         key = jax.random.fold_in(base_key, step)
         if accum == 1:
-            loss, grads = grad_fn(params, graphdef, x_BxD, layer_B, key,
-                                  compute_dtype=compute_dtype, discrete=discrete)
+            (loss_v, (aux, stats)), grads = grad_fn(params, x_BxD, layer_B, key, stats)
         else:
             # Micro-batch a = rows a, a+A, a+2A, ...: every device keeps its own rows.
             B = x_BxD.shape[0]
@@ -98,19 +110,46 @@ def make_train_step(graphdef, tx, *, accum: int, compute_dtype, discrete: bool,
             ls = None if layer_B is None else jnp.swapaxes(layer_B.reshape(B // accum, accum), 0, 1)
             keys = jax.random.split(key, accum)
 
-            def micro(acc, inp):
+            def micro(carry, inp):
+                acc, st = carry
                 xi, li, ki = inp
-                loss_i, g = grad_fn(params, graphdef, xi, li, ki, compute_dtype=compute_dtype,
-                                    discrete=discrete)
-                return jax.tree.map(jnp.add, acc, g), loss_i
+                (loss_i, (aux_i, st)), g = grad_fn(params, xi, li, ki, st)
+                return (jax.tree.map(jnp.add, acc, g), st), (loss_i, aux_i)
 
             zeros = jax.tree.map(jnp.zeros_like, params)
-            grads, losses = jax.lax.scan(micro, zeros, (xs, ls, keys))
+            (grads, stats), (losses, auxs) = jax.lax.scan(micro, (zeros, stats), (xs, ls, keys))
             grads = jax.tree.map(lambda g: g / accum, grads)
-            loss = losses.mean()
+            loss_v = losses.mean()
+            aux = jax.tree.map(lambda a: a.mean(0), auxs)
         grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
+        if post_update is not None:
+            params = post_update(params)
+        return params, opt_state, stats, loss_v, grad_norm, aux
+
+    return step_fn
+
+
+def glp_loss(graphdef, *, compute_dtype, discrete: bool, remat: bool = False):
+    """The GLP's loss in make_step's form: no aux metrics, no extra state."""
+
+    def loss(params, x_BxD, layer_B, key, stats):
+        return loss_fn(params, graphdef, x_BxD, layer_B, key, compute_dtype=compute_dtype,
+                       discrete=discrete, remat=remat), ({}, stats)
+
+    return loss
+
+
+def make_train_step(graphdef, tx, *, accum: int, compute_dtype, discrete: bool,
+                    remat: bool = False):
+    """GLP: (params, opt_state, x, layer, step, base_key) -> (params, opt_state, loss, grad_norm)."""
+    inner = make_step(glp_loss(graphdef, compute_dtype=compute_dtype, discrete=discrete,
+                               remat=remat), tx, accum=accum)
+
+    def step_fn(params, opt_state, x_BxD, layer_B, step, base_key):
+        params, opt_state, _, loss, grad_norm, _ = inner(params, opt_state, None, x_BxD,
+                                                         layer_B, step, base_key)
         return params, opt_state, loss, grad_norm
 
     return step_fn
@@ -135,11 +174,177 @@ def make_eval_fn(graphdef, sigmas: list[float], compute_dtype):
     return eval_fn
 
 
-# ----------------------------------------------------------------------------- setup
-def glp_config_for(cfg: TrainConfig, d: int, n_store_layers: int) -> GLPConfig:
+# ----------------------------------------------------------------------------- models
+class ModelSpec:
+    """What the loop needs to know about the model it trains (see GLPSpec, SAESpec)."""
+
+    kind: str  # "glp" | "sae": the model name and its key in run.json
+    config: Any  # GLPConfig | SAEConfig (to_dict() goes to run.json)
+
+    def abstract(self) -> nnx.Module:
+        """The module with ShapeDtypeStruct parameters (nothing allocated)."""
+        raise NotImplementedError
+
+    def build(self, seed: int) -> nnx.Module:
+        """The initialised module (called under jit, straight into the shards)."""
+        raise NotImplementedError
+
+    def param_count(self) -> int:
+        raise NotImplementedError
+
+    def fwd_matmul_flops(self) -> int:
+        """Exact forward matmul FLOPs per activation (a training step costs 3x)."""
+        raise NotImplementedError
+
+    def shape(self) -> dict:
+        """Widths recorded in run.json["run"]."""
+        raise NotImplementedError
+
+    def init_stats(self):
+        """Extra training state besides params and optimizer (checkpointed); None = none."""
+        return None
+
+    def loss(self, graphdef, cfg: TrainConfig) -> Callable:
+        """make_step's loss: (params, x, layer, key, stats) -> (loss, (aux, stats))."""
+        raise NotImplementedError
+
+    def post_update(self, graphdef) -> Callable | None:
+        return None
+
+    def eval_fn(self, graphdef, cfg: TrainConfig) -> Callable:
+        """(params, x, layer) -> {"val_loss": ..., other val_* metrics} on the fixed batch."""
+        raise NotImplementedError
+
+
+def _compute_dtype(cfg: TrainConfig):
+    return jnp.bfloat16 if cfg.use_bf16 else jnp.float32
+
+
+@dataclass(frozen=True)
+class GLPSpec(ModelSpec):
+    config: GLPConfig
+    kind: str = "glp"
+
+    def abstract(self):
+        return abstract_glp(self.config)
+
+    def build(self, seed):
+        return GLP(self.config, rngs=nnx.Rngs(seed))
+
+    def param_count(self):
+        return param_count(self.config)
+
+    def fwd_matmul_flops(self):
+        return matmul_flops_per_example(self.config)
+
+    def shape(self):
+        c = self.config
+        return {"d_input": c.d_input, "d_model": c.width, "d_mlp": c.mlp_width,
+                "n_layers": c.n_layers}
+
+    def loss(self, graphdef, cfg):
+        return glp_loss(graphdef, compute_dtype=_compute_dtype(cfg),
+                        discrete=cfg.sigma_sampling == "discrete", remat=cfg.remat_blocks)
+
+    def eval_fn(self, graphdef, cfg):
+        fn = make_eval_fn(graphdef, cfg.eval_sigmas, _compute_dtype(cfg))
+        return lambda params, x, layer: {"val_loss": fn(params, x, layer)}
+
+
+@dataclass(frozen=True)
+class SAESpec(ModelSpec):
+    """TopK SAE on normalised activations: MSE (+ optional AuxK), decoder rows renormalised
+    after each update, dead latents counted in `stats` (tokens since each latent fired)."""
+
+    config: SAEConfig
+    dead_tokens: int = 10_000_000
+    aux_k: int = 0
+    aux_coef: float = 1 / 32
+    kind: str = "sae"
+
+    def abstract(self):
+        return sae.abstract_sae(self.config)
+
+    def build(self, seed):
+        return TopKSAE(self.config, rngs=nnx.Rngs(seed))
+
+    def param_count(self):
+        return sae.param_count(self.config)
+
+    def fwd_matmul_flops(self):
+        return sae.matmul_flops_per_example(self.config)
+
+    def shape(self):
+        c = self.config
+        return {"d_input": c.d_input, "width": c.n_latents, "k": c.k}
+
+    def init_stats(self):
+        return {"tokens_since_fired": jnp.zeros((self.config.n_latents,), jnp.int32)}
+
+    def loss(self, graphdef, cfg):
+        dtype, k = _compute_dtype(cfg), self.config.k
+
+        def loss(params, x_BxD, layer_B, key, stats):
+            p = nnx.merge(graphdef, params).arrays()
+            value, (m, counter) = sae.sae_loss(
+                p, x_BxD, k, tokens_since_fired_W=stats["tokens_since_fired"],
+                dead_tokens=self.dead_tokens, aux_k=self.aux_k, aux_coef=self.aux_coef,
+                compute_dtype=dtype)
+            m.pop("mse")  # == loss without AuxK
+            return value, (m, {"tokens_since_fired": counter})
+
+        return loss
+
+    def post_update(self, graphdef):
+        def renorm(params):
+            model = nnx.merge(graphdef, params)
+            model.w_dec[...] = sae.renormalize_decoder(model.arrays())["w_dec"]
+            return nnx.state(model)
+
+        return renorm
+
+    def eval_fn(self, graphdef, cfg):
+        dtype, k = _compute_dtype(cfg), self.config.k
+
+        def fn(params, x_BxD, layer_B):
+            p = nnx.merge(graphdef, params).arrays()
+            xhat, z, _ = sae.forward(p, x_BxD, k, dtype)
+            m = sae.recon_metrics(x_BxD, xhat, z)
+            # Dead on the validation batch: latents that fire on none of its rows.
+            dead = jnp.mean((~jnp.any(z != 0, axis=0)).astype(jnp.float32))
+            return {"val_loss": m["mse"], "val_nmse": m["nmse"],
+                    "val_explained_variance": m["explained_variance"], "val_l0": m["l0"],
+                    "val_dead_fraction": dead}
+
+        return fn
+
+
+def _check_d_input(cfg: TrainConfig, d: int) -> None:
     if cfg.d_input is not None and cfg.d_input != d:
         raise ConfigError(f"d_input={cfg.d_input} but the store holds d={d} activations; "
                           f"drop d_input (it defaults to the store's d) or use a matching store")
+
+
+def sae_config_for(cfg: TrainConfig, d: int, n_store_layers: int = 1) -> SAEConfig:
+    _check_d_input(cfg, d)
+    if n_store_layers > 1:
+        raise ConfigError(f"model=sae trains on one layer, but {n_store_layers} store layers "
+                          f"are selected; pick one with layers=[k]")
+    width = cfg.sae_width if cfg.sae_width is not None else cfg.sae_expansion * d
+    return SAEConfig(d_input=d, width=width, k=cfg.sae_k).resolved()
+
+
+def model_spec(cfg: TrainConfig, d: int, n_store_layers: int) -> ModelSpec:
+    """The spec of cfg.model for a store of width d with n_store_layers layers."""
+    if cfg.model == "sae":
+        return SAESpec(sae_config_for(cfg, d, n_store_layers), dead_tokens=cfg.sae_dead_tokens,
+                       aux_k=cfg.sae_aux_k, aux_coef=cfg.sae_aux_coef)
+    return GLPSpec(glp_config_for(cfg, d, n_store_layers))
+
+
+# ----------------------------------------------------------------------------- setup
+def glp_config_for(cfg: TrainConfig, d: int, n_store_layers: int) -> GLPConfig:
+    _check_d_input(cfg, d)
     multi = cfg.multi_layer_n_layers
     if n_store_layers > 1 and multi is None:
         raise ConfigError("training on several layers needs multi_layer_n_layers (the LLM's "
@@ -157,30 +362,23 @@ def normalizer_from_pipeline(pipe: Pipeline) -> Normalizer:
                       std=jnp.asarray(std, jnp.float32))
 
 
-def init_params(glp_cfg: GLPConfig, seed: int, mesh):
+def init_params(spec: ModelSpec, seed: int, mesh):
     """Sharded fp32 parameters (created directly in their shards under jit)."""
-    graphdef, abstract_params = nnx.split(abstract_glp(glp_cfg))
+    graphdef, abstract_params = nnx.split(spec.abstract())
     shardings = tree_shardings(abstract_params, mesh)
 
-    @jax.jit
     def init():
-        return nnx.split(GLP(glp_cfg, rngs=nnx.Rngs(seed)))[1]
+        return nnx.split(spec.build(seed))[1]
 
     params = jax.jit(init, out_shardings=shardings)()
     return graphdef, params, shardings
 
 
-@dataclass
-class RunInfo:
-    params: int
-    fwd_matmul_flops: int
-    d_input: int
-    d_model: int
-    d_mlp: int
-    n_layers: int
-    devices: int
-    device_kind: str
-    processes: int
+def run_info(spec: ModelSpec, n_dev: int) -> dict:
+    """run.json["run"]: size, FLOPs, widths and the machine."""
+    return {"params": spec.param_count(), "fwd_matmul_flops": spec.fwd_matmul_flops(),
+            **spec.shape(), "devices": n_dev, "device_kind": jax.devices()[0].device_kind,
+            "processes": jax.process_count()}
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -197,26 +395,27 @@ def train(cfg: TrainConfig, mesh=None, stop_after_steps: int | None = None) -> d
         raise ConfigError(f"batch_size {cfg.batch_size} (per micro-batch "
                           f"{cfg.batch_size // cfg.gradient_accumulation_steps}) must be divisible "
                           f"by the {n_dev} devices")
+    from glp_jax.data.pipeline import build_pipeline  # grain: only when training
+
     pipe = build_pipeline(cfg.pipeline_config())
     multi = len(pipe.layers) > 1
-    glp_cfg = glp_config_for(cfg, pipe.d, len(pipe.layers))
+    spec = model_spec(cfg, pipe.d, len(pipe.layers))
     normalizer = normalizer_from_pipeline(pipe)
     run = RunDir(cfg.output_path)
     run_dir = run.path
     primary = jax.process_index() == 0
-    compute_dtype = jnp.bfloat16 if cfg.use_bf16 else jnp.float32
 
     with jax.set_mesh(mesh):
-        graphdef, abs_params = nnx.split(abstract_glp(glp_cfg))
+        graphdef, abs_params = nnx.split(spec.abstract())
         tx, schedule = make_optimizer(cfg, total)
         abs_opt = jax.eval_shape(tx.init, abs_params)
+        abs_stats = jax.eval_shape(spec.init_stats)  # None: no extra state (the GLP)
         p_shard, o_shard = tree_shardings(abs_params, mesh), tree_shardings(abs_opt, mesh)
+        s_shard = tree_shardings(abs_stats, mesh)
         base_key = jax.random.key(cfg.seed)
-        info = RunInfo(param_count(glp_cfg), matmul_flops_per_example(glp_cfg), glp_cfg.d_input,
-                       glp_cfg.width, glp_cfg.mlp_width, glp_cfg.n_layers, n_dev,
-                       jax.devices()[0].device_kind, jax.process_count())
-        resolved = {**cfg.to_dict(), "glp": glp_cfg.to_dict(), "layers": pipe.layers,
-                    "train_rows": pipe.rows, "run": dataclasses.asdict(info)}
+        info = run_info(spec, n_dev)
+        resolved = {**cfg.to_dict(), spec.kind: spec.config.to_dict(), "layers": pipe.layers,
+                    "train_rows": pipe.rows, "run": info}
         if run.started():
             run.check_resumable(resolved)
         elif primary:
@@ -229,30 +428,33 @@ def train(cfg: TrainConfig, mesh=None, stop_after_steps: int | None = None) -> d
         it = pipe.make_iterator()
         start = ckpt.latest_step() or 0
         if start:  # restore straight into the shards: no initialised copy alongside
-            target = abstract_with_shardings({"params": abs_params, "opt_state": abs_opt},
-                                             {"params": p_shard, "opt_state": o_shard})
+            target = abstract_with_shardings(
+                _ckpt_state(abs_params, abs_opt, abs_stats), _ckpt_state(p_shard, o_shard, s_shard))
             state, data_state, _ = ckpt.restore(start, target)
             params, opt_state = state["params"], state["opt_state"]
+            stats = state.get("stats")
             it.set_state(data_state)
         else:
-            params = init_params(glp_cfg, cfg.seed, mesh)[1]
+            params = init_params(spec, cfg.seed, mesh)[1]
             opt_state = jax.jit(tx.init, out_shardings=o_shard)(params)
+            stats = (None if abs_stats is None
+                     else jax.jit(spec.init_stats, out_shardings=s_shard)())
         metrics = run.metrics_log(start, primary)
 
-        step_fn = jit_train_step(cfg, graphdef, tx, p_shard, o_shard, mesh)
+        step_fn = jit_train_step(cfg, spec, graphdef, tx, p_shard, o_shard, s_shard, mesh)
         eval_fn, val = None, None
         if cfg.val_dataset:
             val = _validation_batch(cfg, pipe, normalizer, mesh)
-            eval_fn = jax.jit(make_eval_fn(graphdef, cfg.eval_sigmas, compute_dtype))
+            eval_fn = jax.jit(spec.eval_fn(graphdef, cfg))
         eval_steps = cfg.eval_steps()
 
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, initial=start, unit="step", desc="train",
                    disable=not (cfg.progress and primary), dynamic_ncols=True)
-        window: list[tuple[jax.Array, jax.Array]] = []
+        window: list[tuple[jax.Array, jax.Array, dict]] = []
         t_window, last_row = time.perf_counter(), {}
-        flops_exact_per_act = 3 * info.fwd_matmul_flops
+        flops_exact_per_act = 3 * info["fwd_matmul_flops"]
         step, steps_this_call, rate_steps = start, 0, 0
         end = total if cfg.stop_at_step is None else min(total, cfg.stop_at_step)
         if cfg.data_mode == "single" and pipe.batches_per_epoch < total:
@@ -273,9 +475,9 @@ def train(cfg: TrainConfig, mesh=None, stop_after_steps: int | None = None) -> d
             x = global_batch(np.asarray(batch["x"], np.float32), mesh)
             layer = (global_batch(np.asarray(batch["llm_layer"], np.int32), mesh)
                      if multi else None)
-            params, opt_state, loss, gnorm = step_fn(params, opt_state, x, layer,
-                                                     jnp.int32(step), base_key)
-            window.append((loss, gnorm))
+            params, opt_state, stats, loss, gnorm, aux = step_fn(
+                params, opt_state, stats, x, layer, jnp.int32(step), base_key)
+            window.append((loss, gnorm, aux))
             if steps_this_call == 0:  # exclude compilation from the throughput figures
                 jax.block_until_ready(loss)
                 t_window, rate_steps = time.perf_counter(), 0
@@ -308,22 +510,25 @@ def train(cfg: TrainConfig, mesh=None, stop_after_steps: int | None = None) -> d
                 rate = rate_steps * cfg.batch_size / dt if rate_steps else float("nan")
                 row = {"step": step, "activations_seen": acts, "loss": float(losses.mean()),
                        "lr": float(schedule(step - 1)), "grad_norm": float(gnorms.mean()),
-                       "activations_per_s": rate, "params": info.params,
-                       "compute_6nd": 6.0 * info.params * acts,
+                       "activations_per_s": rate, "params": info["params"],
+                       "compute_6nd": 6.0 * info["params"] * acts,
                        "flops_exact": float(flops_exact_per_act) * acts,
                        "flops_per_s": rate * flops_exact_per_act,
                        "wall_time": time.time(), "devices": n_dev,
-                       "device_kind": info.device_kind}
+                       "device_kind": info["device_kind"]}
                 if cfg.peak_flops:
                     row["mfu"] = rate * flops_exact_per_act / (cfg.peak_flops * n_dev)
+                auxs = jax.device_get([w[2] for w in window])  # model metrics: window means
+                for k in auxs[0]:
+                    row[k] = float(np.mean([a[k] for a in auxs]))
                 if eval_fn is not None and step in eval_steps:
-                    row["val_loss"] = float(eval_fn(params, *val))
+                    row.update({k: float(v) for k, v in eval_fn(params, *val).items()})
                 metrics.write(row)
                 last_row = row
                 bar.set_postfix(loss=f"{row['loss']:.4f}", act_s=f"{rate:,.0f}")
                 window, t_window, rate_steps = [], time.perf_counter(), 0
             if boundary_save or stopping or step in epoch_steps:
-                ckpt.save(step, {"params": params, "opt_state": opt_state}, _data_state(it),
+                ckpt.save(step, _ckpt_state(params, opt_state, stats), _data_state(it),
                           resolved, epoch=epoch_steps.get(step), force=True)
             if stopping:
                 break
@@ -332,6 +537,14 @@ def train(cfg: TrainConfig, mesh=None, stop_after_steps: int | None = None) -> d
         ckpt.close()
         _close(it)
     return last_row
+
+
+def _ckpt_state(params, opt_state, stats) -> dict:
+    """The checkpointed training state; "stats" only for models that keep extra state."""
+    state = {"params": params, "opt_state": opt_state}
+    if stats is not None:
+        state["stats"] = stats
+    return state
 
 
 def _data_state(it) -> dict:
@@ -369,34 +582,40 @@ def _validation_batch(cfg: TrainConfig, pipe: Pipeline, normalizer: Normalizer, 
     return x, layer
 
 
-def jit_train_step(cfg: TrainConfig, graphdef, tx, p_shard, o_shard, mesh):
+def jit_train_step(cfg: TrainConfig, spec: ModelSpec, graphdef, tx, p_shard, o_shard,
+                   s_shard, mesh):
     """The jitted step with the run's settings, output shardings and buffer donation."""
-    return jax.jit(make_train_step(graphdef, tx, accum=cfg.gradient_accumulation_steps,
-                                   compute_dtype=jnp.bfloat16 if cfg.use_bf16 else jnp.float32,
-                                   discrete=cfg.sigma_sampling == "discrete",
-                                   remat=cfg.remat_blocks),
-                   out_shardings=(p_shard, o_shard, replicated(mesh), replicated(mesh)),
-                   donate_argnums=(0, 1))
+    step = make_step(spec.loss(graphdef, cfg), tx, accum=cfg.gradient_accumulation_steps,
+                     post_update=spec.post_update(graphdef))
+    rep = replicated(mesh)
+    return jax.jit(step, out_shardings=(p_shard, o_shard, s_shard, rep, rep, rep),
+                   donate_argnums=(0, 1, 2))
 
 
-def compile_step(cfg: TrainConfig, glp_cfg: GLPConfig, mesh=None) -> dict:
+def compile_step(cfg: TrainConfig, model_cfg: GLPConfig | SAEConfig, mesh=None) -> dict:
     """AOT-compile one training step on abstract inputs (nothing is allocated) and return
     its cost and memory analysis: checks a configuration without data or accelerator."""
     mesh = mesh or make_mesh(cfg.mesh_data, cfg.mesh_fsdp)
+    spec = (SAESpec(model_cfg, cfg.sae_dead_tokens, cfg.sae_aux_k, cfg.sae_aux_coef)
+            if isinstance(model_cfg, SAEConfig) else GLPSpec(model_cfg))
+    multi = isinstance(model_cfg, GLPConfig) and model_cfg.is_multi_layer
     with jax.set_mesh(mesh):
-        graphdef, abs_params = nnx.split(abstract_glp(glp_cfg))
+        graphdef, abs_params = nnx.split(spec.abstract())
         tx, _ = make_optimizer(cfg, cfg.total_steps)
         abs_opt = jax.eval_shape(tx.init, abs_params)
+        abs_stats = jax.eval_shape(spec.init_stats)
         p_shard, o_shard = tree_shardings(abs_params, mesh), tree_shardings(abs_opt, mesh)
-        x = jax.ShapeDtypeStruct((cfg.batch_size, glp_cfg.d_input), jnp.float32,
+        s_shard = tree_shardings(abs_stats, mesh)
+        x = jax.ShapeDtypeStruct((cfg.batch_size, model_cfg.d_input), jnp.float32,
                                  sharding=batch_sharding(mesh))
         layer = (jax.ShapeDtypeStruct((cfg.batch_size,), jnp.int32,
                                       sharding=batch_sharding(mesh, ndim=1))
-                 if glp_cfg.is_multi_layer else None)
-        step_fn = jit_train_step(cfg, graphdef, tx, p_shard, o_shard, mesh)
+                 if multi else None)
+        step_fn = jit_train_step(cfg, spec, graphdef, tx, p_shard, o_shard, s_shard, mesh)
         t0 = time.perf_counter()
         compiled = step_fn.lower(abstract_with_shardings(abs_params, p_shard),
-                                 abstract_with_shardings(abs_opt, o_shard), x, layer,
+                                 abstract_with_shardings(abs_opt, o_shard),
+                                 abstract_with_shardings(abs_stats, s_shard), x, layer,
                                  jnp.int32(0), jax.random.key(0)).compile()
         seconds = time.perf_counter() - t0
     mem = compiled.memory_analysis()
