@@ -36,7 +36,7 @@ class LoadedGLP:
     source: str
     step: int | None = None
 
-    def _layer_args(self, layer: int | None, n: int):
+    def layer_args(self, layer: int | None, n: int):
         """(layer position in the statistics, LLM layer ids for the model) for `layer`."""
         if len(self.layers) <= 1 and not self.config.is_multi_layer:
             return None, None
@@ -53,7 +53,7 @@ class LoadedGLP:
         return apply_fn
 
     def sample(self, n: int, steps: int = 20, seed: int = 0, layer: int | None = None) -> np.ndarray:
-        pos, ids = self._layer_args(layer, n)
+        pos, ids = self.layer_args(layer, n)
         z = _sample(self.model, jax.random.key(seed), n, self.config.d_input, steps, ids)
         return np.asarray(self.normalizer.denormalize(z, pos))
 
@@ -61,7 +61,7 @@ class LoadedGLP:
                 convention: str = "code", sigma0: float = 0.5, steps: int = 20) -> np.ndarray:
         """On-manifold projection of (e.g. steered) activations."""
         acts = jnp.asarray(acts_BxD, jnp.float32)
-        pos, ids = self._layer_args(layer, acts.shape[0])
+        pos, ids = self.layer_args(layer, acts.shape[0])
         x = self.normalizer.normalize(acts, pos)
         out = _project(self.model, x, jax.random.key(seed), ids, convention, sigma0, steps)
         return np.asarray(self.normalizer.denormalize(out, pos))
@@ -70,7 +70,7 @@ class LoadedGLP:
                layer: int | None = None) -> np.ndarray:
         """Meta-neuron features [B, n_layers * d_mlp] at noise level sigma."""
         acts = jnp.asarray(acts_BxD, jnp.float32)
-        pos, ids = self._layer_args(layer, acts.shape[0])
+        pos, ids = self.layer_args(layer, acts.shape[0])
         x = self.normalizer.normalize(acts, pos)
         return np.asarray(_encode(self.model, x, jax.random.key(seed), ids, sigma))
 

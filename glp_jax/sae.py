@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from glp_jax.chunks import map_rows
 from glp_jax.errors import ConfigError
 
 COUNTER_CAP = 2**30  # tokens_since_fired saturates here (int32)
@@ -242,17 +243,7 @@ class LoadedSAE:
         return self.config.k
 
     def _chunks(self, rows: np.ndarray, fn, width: int) -> np.ndarray:
-        rows = np.asarray(rows, np.float32)
-        n = rows.shape[0]
-        out = np.empty((n, width), np.float32)
-        bs = self.chunk if n >= self.chunk else _bucket(n, min(64, self.chunk))
-        for start in range(0, n, bs):
-            part = rows[start:start + bs]
-            m = part.shape[0]
-            if m < bs:
-                part = np.concatenate([part, np.zeros((bs - m, rows.shape[1]), np.float32)])
-            out[start:start + m] = np.asarray(fn(jnp.asarray(part)))[:m]
-        return out
+        return map_rows(lambda part, _i: fn(jnp.asarray(part)), rows, width, self.chunk)
 
     def encode(self, acts_NxD) -> np.ndarray:
         """Latents [N, width] (dense, exactly k non-zeros per row)."""
@@ -274,12 +265,5 @@ class LoadedSAE:
 
     def describe(self) -> dict:
         return {"method": self.name, "source": self.source, "step": self.step,
-                "d_input": self.config.d_input, "width": self.config.n_latents, "k": self.k,
+                "d_input": self.config.d_input, "width": self.config.n_latents, "n_latents": self.config.n_latents, "k": self.k,
                 "params": param_count(self.config)}
-
-
-def _bucket(n: int, smallest: int = 64) -> int:
-    b = max(1, smallest)
-    while b < n:
-        b *= 2
-    return b

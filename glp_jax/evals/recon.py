@@ -13,6 +13,8 @@ from typing import Protocol
 
 import numpy as np
 
+from glp_jax.chunks import map_rows
+
 
 class Reconstructor(Protocol):
     name: str
@@ -81,34 +83,20 @@ class GLPProjection:
     calls: int = field(default=0, init=False)
 
     def __call__(self, acts_NxD):
-        acts = np.asarray(acts_NxD, np.float32)
-        n = acts.shape[0]
-        out = np.empty_like(acts)
-        bs = self.batch_size if n >= self.batch_size else _bucket(n)
-        for start in range(0, n, bs):
-            chunk = acts[start:start + bs]
-            m = chunk.shape[0]
-            if m < bs:
-                chunk = np.concatenate([chunk, np.zeros((bs - m, acts.shape[1]), np.float32)])
+        def project(chunk, _i):
             seed = self.seed + self.calls
             self.calls += 1
-            out[start:start + m] = self.glp.project(chunk, seed=seed, layer=self.layer,
-                                                    convention=self.convention,
-                                                    sigma0=self.sigma0, steps=self.steps)[:m]
-        return out
+            return self.glp.project(chunk, seed=seed, layer=self.layer,
+                                    convention=self.convention, sigma0=self.sigma0,
+                                    steps=self.steps)
+
+        acts = np.asarray(acts_NxD, np.float32)
+        return map_rows(project, acts, acts.shape[1], self.batch_size)
 
     def describe(self) -> dict:
         return {"method": self.name, "source": getattr(self.glp, "source", None),
                 "step": getattr(self.glp, "step", None), "sigma0": self.sigma0,
                 "steps": self.steps, "convention": self.convention}
-
-
-def _bucket(n: int, smallest: int = 64) -> int:
-    """Next power of two >= n (at least `smallest`): few distinct compiled shapes."""
-    b = smallest
-    while b < n:
-        b *= 2
-    return b
 
 
 def load_reconstructor(path, *, pca_k: int = 32, sigma0: float = 0.5, steps: int = 20,

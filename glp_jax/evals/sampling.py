@@ -143,7 +143,7 @@ def sample_activations(glp, n: int, steps: int, seed: int = 0, batch_size: int =
     n_dev = mesh.devices.size
     batch = effective_batch(n, batch_size, n_dev)
     d = glp.config.d_input
-    pos, ids = glp._layer_args(layer, batch)
+    pos, ids = glp.layer_args(layer, batch)
     norm = glp.normalizer
     graphdef, params = nnx.split(glp.model)
     with jax.set_mesh(mesh):

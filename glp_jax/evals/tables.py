@@ -54,8 +54,8 @@ def baseline_label(method) -> str:
     desc = method.describe()
     if desc.get("method", "").startswith("pca"):
         return f"PCA k={desc['k']}"
-    if "k" in desc and "n_latents" in desc:
-        return f"SAE k={desc['k']}, {desc['n_latents']} latents"
+    if desc.get("method") == "sae":
+        return f"SAE k={desc['k']}, {desc['width']} latents"
     return desc.get("method", type(method).__name__)
 
 
