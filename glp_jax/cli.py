@@ -105,9 +105,7 @@ def cmd_train(args) -> int:
 def cmd_sample(args) -> int:
     import numpy as np
 
-    from glp_jax.api import load
-
-    glp = load(args.run, step=args.step)
+    glp = _load_glp(args.run, args.step)
     x = glp.sample(args.n, steps=args.steps, seed=args.seed, layer=args.layer)
     np.save(args.out, x)
     print(f"saved {x.shape[0]} samples [d={x.shape[1]}] from {glp.source} (step {glp.step}) "
@@ -146,6 +144,8 @@ def cmd_config_check(args) -> int:
 
         cfg = dataclasses.replace(cfg, d_input=ActivationStore.open(cfg.train_dataset).d)
     n_store_layers = len(cfg.layers) if cfg.layers else 1
+    if cfg.model == "sae":
+        return _config_check_sae(cfg, args)
     glp_cfg = glp_config_for(cfg, cfg.d_input, n_store_layers)
     n = param_count(glp_cfg)
     acts = cfg.total_steps * cfg.batch_size
@@ -173,11 +173,39 @@ def cmd_config_check(args) -> int:
     return 0
 
 
+def _config_check_sae(cfg, args) -> int:
+    from glp_jax.sae import param_count
+    from glp_jax.train import compile_step, sae_config_for
+
+    sae_cfg = sae_config_for(cfg, cfg.d_input, len(cfg.layers) if cfg.layers else 1)
+    n = param_count(sae_cfg)
+    acts = cfg.total_steps * cfg.batch_size
+    print(f"ok: {sae_cfg}")
+    print(f"params: {n}  steps: {cfg.total_steps}  activations: {acts:,}  "
+          f"C=6ND: {6.0 * n * acts:.3e}")
+    if args.compile:  # an SAE is small: always at full size
+        res = compile_step(cfg, sae_cfg)
+        print(f"compiled one step at batch {cfg.batch_size} in {res['compile_s']:.1f} s: temp "
+              f"memory {res['temp_bytes'] / 2**30:.2f} GiB, arguments "
+              f"{res['argument_bytes'] / 2**30:.2f} GiB")
+    return 0
+
+
+def _load_glp(run, step):
+    """glp_jax.load, refusing SAE runs (sampling and export are GLP operations)."""
+    from glp_jax.api import LoadedGLP, load
+
+    loaded = load(run, step=step)
+    if not isinstance(loaded, LoadedGLP):
+        raise GLPError(f"{run} is an SAE run; this command needs a GLP run (use `glp eval "
+                       f"recon|fd|delta-lm` to evaluate the SAE)")
+    return loaded
+
+
 def cmd_export(args) -> int:
-    from glp_jax.api import load
     from glp_jax.interop.original_ckpt import export_original
 
-    glp = load(args.run, step=args.step)
+    glp = _load_glp(args.run, args.step)
     export_original(glp.model, glp.normalizer, args.out)
     print(f"exported {glp.source} (step {glp.step}) to {args.out} in the original layout")
     return 0
