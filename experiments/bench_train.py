@@ -19,7 +19,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from glp_jax.config import make_config
-from glp_jax.data.pipeline import PipelineConfig, build_pipeline
 from glp_jax.model import GLP, GLPConfig, matmul_flops_per_example, param_count
 from glp_jax.train import make_optimizer, make_train_step
 
@@ -44,8 +43,9 @@ def main() -> None:
     ap.add_argument("--store", default=None)
     args = ap.parse_args()
 
-    n = 4096
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    n = 4096 if jax.default_backend() == "cpu" else 8192
+    dtype = jnp.bfloat16 if args.bf16 else jnp.float32
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)  # peak in the step's compute dtype
     dot = jax.jit(lambda a: a @ a)
     peak = 2 * n**3 / timed(lambda: dot(a), 5)
 
@@ -55,7 +55,6 @@ def main() -> None:
     cfg = make_config(dict(train_dataset="x", batch_size=args.batch, num_steps=1000))
     tx, _ = make_optimizer(cfg, 1000)
     opt = tx.init(params)
-    dtype = jnp.bfloat16 if args.bf16 else jnp.float32
     step = jax.jit(make_train_step(graphdef, tx, accum=1, compute_dtype=dtype, discrete=True),
                    donate_argnums=(0, 1))
     x = jax.random.normal(jax.random.key(1), (args.batch, args.d), jnp.float32)
@@ -69,10 +68,12 @@ def main() -> None:
     t_step = timed(one, args.steps)
     flops_act = 3 * matmul_flops_per_example(gcfg)
     rate = args.batch / t_step
-    rows = [("jnp.dot 4096^3 fp32 (peak)", None, peak)]
+    rows = [(f"jnp.dot {n}^3 {jnp.dtype(dtype).name} (peak)", None, peak)]
     rows.append((f"train step d{args.n_layers} ({'bf16' if args.bf16 else 'fp32'})", rate,
                  rate * flops_act))
     if args.store:
+        from glp_jax.data.pipeline import PipelineConfig, build_pipeline  # grain: only here
+
         pipe = build_pipeline(PipelineConfig(store=args.store, batch_size=args.batch, mode="repeat",
                                              num_threads=2, prefetch=2))
         it = pipe.make_iterator()

@@ -103,3 +103,15 @@ def test_depth_trend_against_scipy():
 def test_sample_refuses_an_sae_run(root, capsys, tmp_path):
     code = main(["sample", str(root / "sae"), "--out", str(tmp_path / "x.npy")])
     assert code == 2 and "SAE run" in capsys.readouterr().err
+
+
+def test_random_reference_is_seeded_and_labelled(root):
+    val = ActivationStore.open(str(root / "val"))
+    idx, info = reference_rows(val, 120, seed=5, reference="random")
+    again, _ = reference_rows(val, 120, seed=5, reference="random")
+    np.testing.assert_array_equal(idx, again)
+    assert info["selection"] == "random rows (as asked)" and len(np.unique(idx)) == 120
+    # more rows than documents: impossible for one token per document
+    assert len(set(val.doc_ids(idx).tolist())) < 120
+    with pytest.raises(Exception, match="reference must be one of"):
+        reference_rows(val, 10, reference="sometimes")

@@ -78,13 +78,20 @@ def _doc_runs(store: ActivationStore) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(starts), np.concatenate(docs)
 
 
-def reference_rows(store, n: int, seed: int = 0, stream: int = 0) -> tuple[np.ndarray, dict]:
+REFERENCES = ("per-doc", "random")
+
+
+def reference_rows(store, n: int, seed: int = 0, stream: int = 0,
+                   reference: str = "per-doc") -> tuple[np.ndarray, dict]:
     """Sorted row indices of a reference set of up to n rows, and a description.
 
-    One random row of each of min(n, #documents) random documents when the store has
-    document ids (at least two distinct, none negative); else min(n, rows) random rows.
+    per-doc (the paper's): one random row of each of min(n, #documents) random documents
+    when the store has document ids (at least two distinct, none negative); else, and for
+    reference="random", min(n, rows) random rows (for stores that cover few documents).
     Deterministic in (seed, stream); stream separates the val (0) and train (1) draws.
     """
+    if reference not in REFERENCES:
+        raise ConfigError(f"reference must be one of {REFERENCES}, got {reference!r}")
     store = _open(store)
     total = len(store)
     if total < 2:
@@ -93,10 +100,11 @@ def reference_rows(store, n: int, seed: int = 0, stream: int = 0) -> tuple[np.nd
     starts, docs = _doc_runs(store)
     info = {"store": store.url, "store_rows": total, "requested": int(n), "seed": int(seed)}
     uniq, inv = np.unique(docs, return_inverse=True)
-    if len(uniq) < 2 or uniq[0] < 0:
+    if reference == "random" or len(uniq) < 2 or uniq[0] < 0:
         idx = np.sort(rng.choice(total, min(n, total), replace=False))
-        return idx, {**info, "selection": "random rows (the store has no document ids)",
-                     "rows": int(len(idx)), "documents": None}
+        why = "as asked" if reference == "random" else "the store has no document ids"
+        return idx, {**info, "selection": f"random rows ({why})", "rows": int(len(idx)),
+                     "documents": None}
     lengths = np.diff(np.append(starts, total))
     # Rows of document j, in run order: runs sorted by (doc, start); a document split over
     # several runs (interleaved writers) is still one document.
@@ -119,7 +127,7 @@ def reference_rows(store, n: int, seed: int = 0, stream: int = 0) -> tuple[np.nd
 def evaluate_fd(source, *, val_store, train_store, n: int = 50_000, steps: int = 1000,
                 steps_list=DEFAULT_STEPS_LIST, seed: int = 0, batch_size: int = 4096,
                 out_dir=None, progress: bool = True, layer: int | None = None, mesh=None,
-                check_sqrtm: bool = True, plot: bool = True) -> dict:
+                check_sqrtm: bool = True, plot: bool = True, reference: str = "per-doc") -> dict:
     """FD of `source` against the val reference set, with the train-vs-val lower bound.
 
     source: a `glp_jax.api.LoadedGLP` (n samples at every count of steps_list plus `steps`)
@@ -139,8 +147,9 @@ def evaluate_fd(source, *, val_store, train_store, n: int = 50_000, steps: int =
                           f"d={val_store.d} activations; pass the stores of its LLM layer")
     t_start = time.perf_counter()
 
-    val_idx, val_info = reference_rows(val_store, n, seed, stream=0)
-    train_idx, train_info = reference_rows(train_store, len(val_idx), seed, stream=1)
+    val_idx, val_info = reference_rows(val_store, n, seed, stream=0, reference=reference)
+    train_idx, train_info = reference_rows(train_store, len(val_idx), seed, stream=1,
+                                           reference=reference)
     val_ref = val_store.read_rows(val_idx, layer)
     train_ref = train_store.read_rows(train_idx, layer)
     val_fit = gaussian_fit(val_ref)

@@ -86,7 +86,8 @@ def depth_trend(depths: list[int], values: list[float]) -> dict:
 
 
 def fd_table(paths, *, n: int, steps: int, steps_list, seed: int = 0, pca_k: int = 32,
-             out_dir=None, progress: bool = True, batch_size: int = 4096) -> dict:
+             out_dir=None, progress: bool = True, batch_size: int = 4096,
+             reference: str = "per-doc") -> dict:
     from glp_jax.api import load
     from glp_jax.evals.fd import evaluate_fd
     from glp_jax.evals.recon import load_reconstructor
@@ -94,7 +95,7 @@ def fd_table(paths, *, n: int, steps: int, steps_list, seed: int = 0, pca_k: int
     glps, baselines = find_targets(paths)
     train_store, val_store = _stores(glps, baselines)
     common = dict(val_store=val_store, train_store=train_store, n=n, seed=seed,
-                  progress=progress, batch_size=batch_size)
+                  progress=progress, batch_size=batch_size, reference=reference)
     rows, lower = [], None
     for b in baselines:
         method = load_reconstructor(b, pca_k=pca_k)
@@ -183,7 +184,8 @@ def delta_lm_table(paths, *, n_seqs: int, length: int, pca_k: int = 32, seed: in
 
 
 def recon_table(paths, *, n: int, pca_k: int = 32, seed: int = 0, sigma0: float = 0.5,
-                steps: int = 20, convention: str = "code", out_dir=None) -> dict:
+                steps: int = 20, convention: str = "code", out_dir=None,
+                reference: str = "per-doc") -> dict:
     """Reconstruction metrics of every baseline and GLP projection on the same held-out
     rows (the val reference set of `glp eval fd`)."""
     from glp_jax.api import load
@@ -193,7 +195,7 @@ def recon_table(paths, *, n: int, pca_k: int = 32, seed: int = 0, sigma0: float 
 
     glps, baselines = find_targets(paths)
     _, val_store = _stores(glps, baselines)
-    idx, info = reference_rows(val_store, n, seed=seed)
+    idx, info = reference_rows(val_store, n, seed=seed, reference=reference)
     rows = val_store.read_rows(idx)
     methods = {}
     for b in baselines:
