@@ -16,26 +16,16 @@ forward + backward = 3x forward.
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
+from benchlib import matmul_peak, timed
 from flax import nnx
 
 from glp_jax import sae
 from glp_jax.config import make_config
 from glp_jax.sae import SAEConfig, TopKSAE
 from glp_jax.train import SAESpec, make_optimizer, make_step
-
-
-def timed(fn, reps):
-    out = fn()
-    jax.block_until_ready(out)
-    t = time.perf_counter()
-    for _ in range(reps):
-        out = fn()
-    jax.block_until_ready(out)
-    return (time.perf_counter() - t) / reps
 
 
 def main() -> None:
@@ -49,11 +39,8 @@ def main() -> None:
     ap.add_argument("--store", default=None)
     args = ap.parse_args()
 
-    n = 4096
     dtype = jnp.bfloat16 if args.bf16 else jnp.float32  # the peak in the step's matmul dtype
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
-    dot = jax.jit(lambda a: a @ a)
-    peak = 2 * n**3 / timed(lambda: dot(a), 5)
+    peak, n = matmul_peak(dtype)
 
     scfg = SAEConfig.from_expansion(args.d, args.expansion, args.k)
     W = scfg.n_latents
@@ -76,7 +63,7 @@ def main() -> None:
     t_step = timed(one, args.steps)
     flops_act = 3 * sae.matmul_flops_per_example(scfg)
     rate = args.batch / t_step
-    rows = [(f"jnp.dot 4096^3 {jnp.dtype(dtype).name} (peak)", None, None, peak)]
+    rows = [(f"jnp.dot {n}^3 {jnp.dtype(dtype).name} (peak)", None, None, peak)]
     rows.append((f"SAE train step ({'bf16' if args.bf16 else 'fp32'})", t_step, rate,
                  rate * flops_act))
     pre = jax.nn.relu(jax.random.normal(jax.random.key(3), (args.batch, W), jnp.float32))

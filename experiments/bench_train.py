@@ -12,25 +12,15 @@ FLOPs per activation count the exact matmuls of forward + backward (3x forward).
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
+from benchlib import matmul_peak, timed
 from flax import nnx
 
 from glp_jax.config import make_config
 from glp_jax.model import GLP, GLPConfig, matmul_flops_per_example, param_count
 from glp_jax.train import make_optimizer, make_train_step
-
-
-def timed(fn, reps):
-    out = fn()
-    jax.block_until_ready(out)
-    t = time.perf_counter()
-    for _ in range(reps):
-        out = fn()
-    jax.block_until_ready(out)
-    return (time.perf_counter() - t) / reps
 
 
 def main() -> None:
@@ -43,11 +33,8 @@ def main() -> None:
     ap.add_argument("--store", default=None)
     args = ap.parse_args()
 
-    n = 4096 if jax.default_backend() == "cpu" else 8192
     dtype = jnp.bfloat16 if args.bf16 else jnp.float32
-    a = jax.random.normal(jax.random.key(0), (n, n), dtype)  # peak in the step's compute dtype
-    dot = jax.jit(lambda a: a @ a)
-    peak = 2 * n**3 / timed(lambda: dot(a), 5)
+    peak, n = matmul_peak(dtype)  # in the step's compute dtype
 
     gcfg = GLPConfig(d_input=args.d, n_layers=args.n_layers).resolved()
     model = GLP(gcfg, rngs=nnx.Rngs(0))
