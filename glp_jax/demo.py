@@ -75,7 +75,8 @@ def train_baselines(stores: dict[str, ActivationStore], root: Path = DEMO_ROOT) 
         cfg = load_config([f"config={SAE_CONFIG}", f"train_dataset={stores['train'].url}",
                            f"val_dataset={stores['val'].url}", f"output_path={sae_dir}",
                            "num_steps=null", f"num_activations={SAE_BUDGET}"])
-        print(f"[demo] SAE baseline: width {cfg.sae_width}, k={cfg.sae_k}, "
+        width = cfg.sae_width or cfg.sae_expansion * stores["train"].d
+        print(f"[demo] SAE baseline: {width} latents, k={cfg.sae_k}, "
               f"{cfg.total_steps} steps of {cfg.batch_size} -> {sae_dir}")
         train(cfg)
     if not (pca_dir / PCA_NPZ).is_file():
