@@ -188,6 +188,17 @@ class RunDir:
         path = self.path / METRICS_FILE
         return read_metrics(path) if path.exists() else []
 
+    def add_metrics(self, rows: list[dict]) -> None:
+        """Append evaluation rows ({"step": s, metric: value}); readers merge them with the
+        training row of the same step, so `glp fit` sees them as downstream metrics."""
+        if any("step" not in r for r in rows):
+            raise GLPError("every metrics row needs a 'step'")
+        path = self.path / METRICS_FILE
+        old = path.read_text() if path.exists() else ""
+        if old and not old.endswith("\n"):  # a torn last line (killed writer): readers skip it
+            old = old[: old.rfind("\n") + 1]
+        write_atomic(path, old + "".join(json.dumps(r, default=jsonable) + "\n" for r in rows))
+
     def total_steps(self) -> int:
         from glp_jax.config import total_steps_of
 
