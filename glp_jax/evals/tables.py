@@ -2,8 +2,9 @@
 and delta LM loss (zero/mean ablation, PCA, SAE, GLP per depth), side by side.
 
 `glp eval fd|delta-lm SWEEP` lands here: every GLP run under the folder is evaluated
-(each writes its own <run>/evals/), SAE runs and PCA folders count as baselines, and the
-table goes to <out>/table1.{json,md} or table2.{json,md}. All runs must share one
+(each writes its own <run>/evals/fd.*, or <out>/fd.* when it is the only run), SAE runs and
+PCA folders count as baselines, and the table goes to <out>/table1.{json,md} or
+<out>/delta_lm.{json,md} = <out>/table2.{json,md}. All runs must share one
 train/val store pair (the first GLP run's), or the comparison would mean nothing.
 """
 
@@ -103,8 +104,9 @@ def fd_table(paths, *, n: int, steps: int, steps_list, seed: int = 0, pca_k: int
         lower = res["fd_lower_bound"]
         rows.append({"method": baseline_label(method), "path": str(b), "fd": res["fd"]})
     for r in sorted(glps, key=_depth):
-        res = evaluate_fd(load(r), **common, steps=steps, steps_list=steps_list,
-                          out_dir=RunDir(r) / EVALS_DIR)
+        alone = out_dir is not None and len(glps) == 1
+        own = Path(out_dir) if alone else RunDir(r) / EVALS_DIR
+        res = evaluate_fd(load(r), **common, steps=steps, steps_list=steps_list, out_dir=own)
         lower = res["fd_lower_bound"]
         rows.append({"method": glp_label(r), "path": str(r), "depth": _depth(r), "fd": res["fd"],
                      "fd_by_steps": res["fd_by_steps"], "samples_per_s": res["samples_per_s"]})
@@ -178,7 +180,8 @@ def delta_lm_table(paths, *, n_seqs: int, length: int, pca_k: int = 32, seed: in
     if glp_names:
         result["delta_vs_depth"] = depth_trend([_depth(r) for r in sorted(glps, key=_depth)],
                                                [result["delta"][k] for k in glp_names])
-    if out_dir is not None:
+    if out_dir is not None:  # delta_lm.json: the evaluation's own name; table2: the paper's
+        write_results(Path(out_dir), "delta_lm", result, delta_lm_markdown(result))
         write_results(Path(out_dir), "table2", result, delta_lm_markdown(result))
     return result
 
