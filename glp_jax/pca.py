@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from glp_jax.errors import GLPError
+from glp_jax.progress import progress_bar
 from glp_jax.rundir import write_atomic
 
 PCA_NPZ, PCA_JSON = "pca.npz", "pca.json"
@@ -74,8 +75,6 @@ def fit_pca(store, layer: int | None = None, max_rows: int | None = None,
 
     Sums are taken about a shift (the first block's mean), so float64 cancellation in
     E[x x^T] - mu mu^T stays small even for activations with a large mean."""
-    from tqdm.auto import tqdm
-
     n = len(store) if max_rows is None else min(int(max_rows), len(store))
     if n < 2:
         raise GLPError(f"store {store.url} holds {len(store)} rows; PCA needs at least 2")
@@ -84,8 +83,7 @@ def fit_pca(store, layer: int | None = None, max_rows: int | None = None,
     s = np.zeros(d, np.float64)
     ss = np.zeros((d, d), np.float64)
     t0 = time.perf_counter()
-    with tqdm(total=n, unit="row", desc="pca", dynamic_ncols=True, disable=not progress,
-              mininterval=5.0) as bar:
+    with progress_bar(n, "pca", "row", enabled=progress) as bar:
         for start in range(0, n, block_rows):
             x = np.asarray(store.read_range(start, min(n, start + block_rows), layer=layer),
                            np.float64)

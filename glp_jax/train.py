@@ -40,6 +40,7 @@ from glp_jax.model import (
     matmul_flops_per_example,
     param_count,
 )
+from glp_jax.progress import progress_bar
 from glp_jax.rundir import RunDir, epoch_step, jsonable
 from glp_jax.sae import SAEConfig, TopKSAE
 from glp_jax.sharding import batch_sharding, global_batch, make_mesh, replicated, tree_shardings
@@ -448,10 +449,8 @@ def train(cfg: TrainConfig, mesh=None, stop_after_steps: int | None = None) -> d
             eval_fn = jax.jit(spec.eval_fn(graphdef, cfg))
         eval_steps = cfg.eval_steps()
 
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, initial=start, unit="step", desc="train",
-                   disable=not (cfg.progress and primary), dynamic_ncols=True)
+        bar = progress_bar(total, "train", "step", enabled=cfg.progress and primary,
+                           initial=start)
         window: list[tuple[jax.Array, jax.Array, dict]] = []
         t_window, last_row = time.perf_counter(), {}
         flops_exact_per_act = 3 * info["fwd_matmul_flops"]

@@ -16,7 +16,6 @@ The LLM runs under `torch.inference_mode()`, seeded, in the dtype it was loaded 
 
 from __future__ import annotations
 
-import sys
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -29,6 +28,7 @@ import numpy as np
 from glp_jax.errors import GLPError
 from glp_jax.evals.recon import Reconstructor
 from glp_jax.llm.intervene import PositionReplacer, edit_layer_output
+from glp_jax.progress import progress_bar
 
 RESULT_NAME = "delta_lm"
 DEFAULT_N_SEQS, DEFAULT_LENGTH, DEFAULT_SEED = 2048, 128, 42
@@ -335,29 +335,8 @@ def summarize_delta_lm(result: dict) -> str:
             f"reconstruction")
 
 
-class _LineWriter:
-    """A tqdm file for logs: each refresh becomes one line instead of a carriage return."""
-
-    def __init__(self, stream):
-        self.stream = stream
-
-    def write(self, s: str) -> None:
-        s = s.replace("\r", "").strip()
-        if s:
-            self.stream.write(s + "\n")
-
-    def flush(self) -> None:
-        self.stream.flush()
-
-
 def _progress(enabled: bool, total: int):
-    from tqdm.auto import tqdm
-
-    stream = sys.stderr
-    tty = hasattr(stream, "isatty") and stream.isatty()
-    return tqdm(total=total, unit="tok", unit_scale=True, desc="delta-lm",
-                disable=not enabled, dynamic_ncols=tty, mininterval=0.5 if tty else 15.0,
-                file=stream if tty else _LineWriter(stream), ascii=not tty)
+    return progress_bar(total, "delta-lm", "tok", enabled=enabled, unit_scale=True)
 
 
 # -- a trained run, end to end (what `glp eval delta-lm RUN` calls) ------------------------

@@ -16,7 +16,6 @@ full shape and trimmed on the host.
 from __future__ import annotations
 
 import math
-import sys
 import time
 from functools import partial
 
@@ -27,6 +26,7 @@ from flax import nnx
 
 from glp_jax import flow
 from glp_jax.errors import ConfigError
+from glp_jax.progress import progress_bar
 from glp_jax.sharding import batch_sharding, make_mesh, replicated, tree_shardings
 
 _COMPILED: dict = {}  # (graphdef, steps, batch, d, mesh, has_ids, dtype) -> compiled fn
@@ -92,38 +92,6 @@ def _to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-class _LineProgress:
-    """Progress for logs (not a TTY): one plain line at most every `interval` seconds."""
-
-    def __init__(self, total: int, desc: str, interval: float = 15.0, file=None):
-        self.total, self.desc, self.interval = total, desc, interval
-        self.file = file or sys.stderr
-        self.n, self.t0, self.last = 0, time.perf_counter(), -float("inf")
-
-    def update(self, k: int) -> None:
-        self.n += k
-        now = time.perf_counter()
-        if now - self.last >= self.interval or self.n >= self.total:
-            self.last = now
-            rate = self.n / max(now - self.t0, 1e-9)
-            eta = (self.total - self.n) / rate if rate else float("inf")
-            print(f"{self.desc}: {self.n}/{self.total} ({100 * self.n / self.total:.0f}%) "
-                  f"{rate:,.0f} samples/s, eta {eta:.0f}s", file=self.file, flush=True)
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(enabled: bool, total: int, desc: str):
-    if not enabled:
-        return None
-    if sys.stderr.isatty():
-        from tqdm.auto import tqdm
-
-        return tqdm(total=total, unit="sample", unit_scale=True, desc=desc, dynamic_ncols=True)
-    return _LineProgress(total, desc)
-
-
 def sample_activations(glp, n: int, steps: int, seed: int = 0, batch_size: int = 4096,
                        mesh=None, layer: int | None = None, progress: bool = True,
                        compute_dtype=None) -> tuple[np.ndarray, dict]:
@@ -163,7 +131,8 @@ def sample_activations(glp, n: int, steps: int, seed: int = 0, batch_size: int =
 
         n_batches = -(-n // batch)
         out = np.empty((n, d), np.float32)
-        bar = _progress(progress, n, f"sample steps={steps}")
+        bar = progress_bar(n, f"sample steps={steps}", "sample", enabled=progress,
+                           unit_scale=True)
         t0 = time.perf_counter()
         pending = None  # dispatch batch b before fetching batch b-1: the device never idles
         for b in range(n_batches + 1):
@@ -173,12 +142,10 @@ def sample_activations(glp, n: int, steps: int, seed: int = 0, batch_size: int =
                 pb, arr = pending
                 rows = min(batch, n - pb * batch)
                 out[pb * batch:pb * batch + rows] = _to_host(arr)[:rows]
-                if bar is not None:
-                    bar.update(rows)
+                bar.update(rows)
             pending = (b, cur)
         wall = time.perf_counter() - t0
-        if bar is not None:
-            bar.close()
+        bar.close()
     rate = n / wall
     return out, {"samples_per_s": rate, "forward_passes_per_s": rate * steps,
                  "compile_s": compile_s, "wall_s": wall, "n": n, "steps": int(steps),

@@ -90,7 +90,7 @@ class OriginalReader:
 
 def import_original(src: str, dst: str, model: str = "unknown (imported)", layer: int = -1,
                     progress: bool = True) -> ActivationStore:
-    from tqdm.auto import tqdm
+    from glp_jax.progress import progress_bar
 
     layer_dir, found_layer = find_layer_dir(Path(src))
     reader = OriginalReader(layer_dir)
@@ -103,7 +103,7 @@ def import_original(src: str, dst: str, model: str = "unknown (imported)", layer
                      dtype="bfloat16" if reader.dtype == np.int16 else "float32",
                      corpus=f"imported:{Path(src).name}", extra={"imported_from": str(src)})
     store = ActivationStore.open_or_create(dst, meta)
-    bar = tqdm(total=len(reader), initial=len(store), unit="row", desc="import", disable=not progress)
+    bar = progress_bar(len(reader), "import", "row", enabled=progress, initial=len(store))
     while len(store) < len(reader):  # resumable: continues from the committed row count
         a, b = len(store), min(len(store) + ROWS_PER_APPEND, len(reader))
         store.append({layer: reader.rows(a, b)}, np.full(b - a, -1, np.int32), doc_ids[a:b],

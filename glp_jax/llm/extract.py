@@ -28,6 +28,7 @@ from glp_jax.data.corpus import Corpus, Document, StreamingCorpus
 from glp_jax.data.store import ActivationStore, StoreMeta
 from glp_jax.errors import GLPError
 from glp_jax.llm.loading import LoadedLM
+from glp_jax.progress import progress_bar
 
 
 class _StopForward(Exception):
@@ -324,10 +325,7 @@ def extract_to_store(extractor: Extractor, corpus: Corpus | StreamingCorpus,
 
 
 def _progress(enabled: bool, total: int, initial: int):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, unit="row", disable=not enabled,
-                desc="extract", dynamic_ncols=True, smoothing=0.1)
+    return progress_bar(total, "extract", "row", enabled=enabled, initial=initial, smoothing=0.1)
 
 
 def extraction_meta(cfg: ExtractConfig, model_id: str, d: int, corpus_name: str) -> StoreMeta:

@@ -12,6 +12,7 @@ import numpy as np
 
 from glp_jax.errors import GLPError
 from glp_jax.llm.extract import _decoder_layers, _StopForward, tokenize_documents
+from glp_jax.progress import progress_bar
 
 
 def _mlp_down_proj(block):
@@ -60,11 +61,10 @@ def last_token_activations(lm, layer: int, texts: list[str], *, max_length: int 
     handles = [blocks[layer].register_forward_hook(grab_resid)]
     if mlp:
         handles.append(_mlp_down_proj(blocks[layer]).register_forward_pre_hook(grab_mlp))
-    from tqdm.auto import tqdm
-
     try:
-        for start in tqdm(range(0, len(ids), batch_size), desc="last-token acts",
-                          disable=not progress, mininterval=10.0):
+        bar = progress_bar(len(ids), "last-token acts", "text", enabled=progress)
+        for start in range(0, len(ids), batch_size):
+            bar.update(min(batch_size, len(ids) - start))
             rows = order[start:start + batch_size]
             width = max(len(ids[j]) for j in rows)
             inp = np.full((len(rows), width), pad, np.int64)
@@ -86,6 +86,7 @@ def last_token_activations(lm, layer: int, texts: list[str], *, max_length: int 
                 for r, j in enumerate(rows):
                     out[key][j] = vals[r]
     finally:
+        bar.close()
         for h in handles:
             h.remove()
     return {k: np.stack(v).astype(np.float32) for k, v in out.items()}

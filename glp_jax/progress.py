@@ -1,0 +1,41 @@
+"""Progress bars that stay readable in logs.
+
+On a terminal: a normal tqdm bar. When stderr is not a TTY (CI, SLURM, nohup): the same
+tqdm object (update, set_postfix, close work as usual), but each refresh is written as one
+plain line, at most every GLP_LOG_INTERVAL seconds (default 15), with no carriage returns.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+class _LineWriter:
+    """A tqdm output file: each refresh becomes one line instead of a carriage return."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, s: str) -> None:
+        s = s.replace("\r", "").strip()
+        if s:
+            self.stream.write(s + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def progress_bar(total: int | None = None, desc: str = "", unit: str = "it",
+                 enabled: bool = True, stream=None, **kwargs):
+    """tqdm(total, desc, unit, ...) for terminals and logs alike; disabled when not enabled."""
+    from tqdm.auto import tqdm
+
+    stream = stream or sys.stderr
+    tty = hasattr(stream, "isatty") and stream.isatty()
+    interval = float(os.environ.get("GLP_LOG_INTERVAL", 15.0))
+    opts = dict(total=total, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=tty,
+                mininterval=kwargs.pop("mininterval", 0.5) if tty else interval,
+                file=stream if tty else _LineWriter(stream), ascii=not tty)
+    opts.update(kwargs)
+    return tqdm(**opts)

@@ -1,0 +1,27 @@
+"""Progress output in logs: plain lines, no carriage returns, rates included."""
+
+import io
+
+from glp_jax.progress import progress_bar
+
+
+def test_non_tty_progress_is_plain_lines(monkeypatch):
+    monkeypatch.setenv("GLP_LOG_INTERVAL", "0")
+    out = io.StringIO()
+    bar = progress_bar(total=100, desc="work", unit="row", stream=out)
+    for _ in range(4):
+        bar.update(25)
+    bar.set_postfix(loss="1.23")
+    bar.close()
+    text = out.getvalue()
+    lines = text.splitlines()
+    assert "\r" not in text and len(lines) >= 4
+    assert lines[-1].startswith("work: 100%") and "row/s" in lines[-1] and "loss=1.23" in lines[-1]
+
+
+def test_disabled_progress_prints_nothing():
+    out = io.StringIO()
+    bar = progress_bar(total=10, desc="x", stream=out, enabled=False)
+    bar.update(10)
+    bar.close()
+    assert out.getvalue() == ""
