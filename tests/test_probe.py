@@ -12,12 +12,31 @@ from sklearn.metrics import roc_auc_score
 
 from glp_jax.api import LoadedGLP
 from glp_jax.errors import GLPError
-from glp_jax.evals.features import (TaskFeatures, glp_meta_neurons, glp_method, mlp_method,
-                                    pca_method, raw_method, sae_method)
-from glp_jax.evals.probe import (bootstrap_ci, evaluate_probes, probe_1d, probe_1d_fast,
-                                 probe_1d_sklearn, probe_run, rank_auc)
-from glp_jax.evals.probe_data import (ProbeTask, balanced_split, fortune_tasks, load_tasks,
-                                      split_sizes)
+from glp_jax.evals.features import (
+    TaskFeatures,
+    glp_meta_neurons,
+    glp_method,
+    mlp_method,
+    pca_method,
+    raw_method,
+    sae_method,
+)
+from glp_jax.evals.probe import (
+    bootstrap_ci,
+    evaluate_probes,
+    probe_1d,
+    probe_1d_fast,
+    probe_1d_sklearn,
+    probe_run,
+    rank_auc,
+)
+from glp_jax.evals.probe_data import (
+    ProbeTask,
+    balanced_split,
+    fortune_tasks,
+    load_tasks,
+    split_sizes,
+)
 from glp_jax.model import GLP, GLPConfig, Normalizer
 
 LAYER = 14
@@ -67,7 +86,7 @@ def test_fortune_suite_is_balanced_and_capped():
         assert t.y_train.sum() == 100 and all(s.strip() for s in t.texts)
     again = fortune_tasks(max_tasks=2, max_per_task=300)
     assert again[0].texts == tasks[0].texts
-    assert len(fortune_tasks(min_count=100)) == 31
+    assert len(fortune_tasks(min_count=100)) == 32  # of 43 categories
 
 
 def test_user_files_csv_and_jsonl(tmp_path):
@@ -85,11 +104,11 @@ def test_user_files_csv_and_jsonl(tmp_path):
 
 def test_original_layout_loader(tmp_path):
     rng = np.random.default_rng(0)
-    d = 12
+    d, ys = 12, {}
     for name, with_y in (("task_a", True), ("task_b", False)):
         folder = tmp_path / "probes" / name
         folder.mkdir(parents=True)
-        y = np.repeat([0, 1], 80)
+        y = ys[name] = rng.permutation(np.repeat([0, 1], 80))
         if with_y:
             xtr, xte = rng.standard_normal((100, 1, d)), rng.standard_normal((40, 1, d))
             torch.save(torch.tensor(xtr, dtype=torch.float32), folder / "X_train.pt")
@@ -97,7 +116,7 @@ def test_original_layout_loader(tmp_path):
             torch.save(torch.tensor(y[:100]), folder / "y_train.pt")
             torch.save(torch.tensor(y[100:140]), folder / "y_test.pt")
         else:  # labels from the SAE-Probes CSV target + the split
-            target = np.where(rng.permutation(y) == 1, "yes", "no")
+            target = np.where(y == 1, "yes", "no")
             (tmp_path / "probes" / f"{name}.csv").write_text(
                 "prompt,target\n" + "".join(f"p{i},{t}\n" for i, t in enumerate(target)))
             ntr, nte = split_sizes(160)
@@ -106,9 +125,9 @@ def test_original_layout_loader(tmp_path):
     a, b = load_tasks([tmp_path / "probes"])  # the CSV beside task_b is no task of its own
     assert a.name == "task_a" and a.acts.shape == (140, d) and a.texts is None
     np.testing.assert_allclose(a.acts[:100], xtr[:, 0], rtol=1e-6)
-    np.testing.assert_array_equal(a.y_train, y[:100])
+    np.testing.assert_array_equal(a.y_train, ys["task_a"][:100])
     np.testing.assert_array_equal(a.test_idx, np.arange(100, 140))
-    y_b = (target == "yes").astype(int)
+    y_b = ys["task_b"]
     tr, te = balanced_split(y_b)
     np.testing.assert_array_equal(b.labels, np.r_[y_b[tr], y_b[te]])
     assert b.y_train.sum() == 30 and "balanced_split" in b.info["labels_from"]
@@ -149,7 +168,7 @@ def test_vectorised_1d_probe_equals_sklearn():
     np.testing.assert_allclose(fast["fold_auc"], ref["fold_auc"], rtol=0, atol=1e-12)
     np.testing.assert_allclose(fast["val_auc"], ref["val_auc"], rtol=0, atol=1e-12)
     np.testing.assert_allclose(fast["test_auc"], ref["test_auc"], rtol=0, atol=1e-12)
-    assert (ref["C"] == 1e-5).all()  # every C scores the same; sklearn keeps the first
+    assert np.allclose(ref["C"], 1e-5)  # every C scores the same; sklearn keeps the first
     want = [roc_auc_score(y[te], x[te, j]) for j in range(x.shape[1])]
     np.testing.assert_allclose(rank_auc(y[te], x[te]), want, atol=1e-12)
 
@@ -262,19 +281,27 @@ def test_probe_run_end_to_end(smollm2, fake_run, tmp_path):
     rng = np.random.default_rng(0)
     q, _ = np.linalg.qr(rng.standard_normal((d, d)))
     PCA(np.zeros(d), np.linspace(2, 1, d), q).save(tmp_path / "pca")
-    tasks = fortune_tasks(categories=["computers"], max_per_task=240)
+    # questions vs statements: the last token (? or .) gives the answer away in one dimension
+    subjects = ["cats", "the weather", "my code", "the train", "this soup", "your plan",
+                "the market", "our team", "that film", "the river", "his book", "the lamp"]
+    texts = [f"{pre} {sub}{end}" for sub in subjects for pre in
+             ("Tell me about", "Think of", "Look at", "Remember", "Consider")
+             for end in ("?", ".")]
+    path = tmp_path / "question.csv"
+    path.write_text("text,label\n" + "".join(f"{t},{int(t.endswith('?'))}\n" for t in texts))
+    tasks = [path]
     res = probe_run(fake_run, [tmp_path / "pca"], tasks, glp=glp, lm=smollm2, k=16,
-                    max_length=64, out_dir=tmp_path / "out", progress=False, pca_k=8)
+                    max_length=32, out_dir=tmp_path / "out", progress=False, pca_k=8)
     names = ["raw", "mlp", "glp", "pca-k8"]
     assert list(res["auc_1d"]) == names and list(res["auc_dense"]) == names
     for n in names:
         s = res["auc_1d"][n]
         assert s["n_tasks"] == 1 and 0.0 <= s["mean"] <= 1.0 and s["ci_low"] is None
-        assert set(s["per_task"]) == {"fortune_computers"}
-    w = res["winners"]["glp"]["fortune_computers"]
+        assert set(s["per_task"]) == {"question"}
+    w = res["winners"]["glp"]["question"]
     assert w["feature"] == w["block"] * 32 + w["unit"]
-    assert res["dense"]["glp"]["fortune_computers"]["block"] in (0, 1)
-    assert res["auc_1d"]["raw"]["mean"] > 0.6  # computers vs rest is learnable from one dim
+    assert res["dense"]["glp"]["question"]["block"] in (0, 1)
+    assert res["auc_1d"]["raw"]["mean"] > 0.9 and res["auc_dense"]["raw"]["mean"] > 0.9
     md = (tmp_path / "out" / "probe.md").read_text()
     assert "| method | 1-D AUC | dense AUC |" in md and "| PCA k=8 |" in md
     assert json.loads((tmp_path / "out" / "probe.json").read_text())["settings"]["layer"] == LAYER
@@ -282,13 +309,12 @@ def test_probe_run_end_to_end(smollm2, fake_run, tmp_path):
     # the sklearn reference picks the same raw winner on the real features
     from glp_jax.evals.features import task_inputs
 
-    task = tasks[0]
-    inputs = task_inputs(task, smollm2, LAYER, max_length=64, mlp=False)
+    task = load_tasks(tasks)[0]
+    inputs = task_inputs(task, smollm2, LAYER, max_length=32, mlp=False)
     feats = TaskFeatures(raw_method(), inputs, task)
     fast = probe_1d(feats, task.y_train, task.y_test, k=4)
     ref = probe_1d(feats, task.y_train, task.y_test, k=4, impl="sklearn")
-    assert fast["feature"] == ref["feature"] == res["winners"]["raw"]["fortune_computers"]["feature"] \
-        or fast["rank"] > 3
+    assert fast["feature"] == ref["feature"] and fast["rank"] == ref["rank"]
     assert fast["val_auc"] == pytest.approx(ref["val_auc"], abs=1e-12)
     assert fast["test_auc"] == pytest.approx(ref["test_auc"], abs=1e-12)
 
@@ -301,7 +327,7 @@ def test_probe_run_end_to_end(smollm2, fake_run, tmp_path):
                           k=16, dense=False, progress=False)
     assert out["skipped"] == {"mlp": ["cached"]} and out["auc_1d"]["mlp"]["n_tasks"] == 0
     assert out["auc_1d"]["raw"]["per_task"]["cached"] == res["auc_1d"]["raw"]["per_task"][
-        "fortune_computers"]
+        "question"]
     assert "auc_dense" not in out and 0 <= out["auc_1d"]["sae"]["mean"] <= 1
 
 

@@ -319,7 +319,7 @@ def probe_markdown(result: dict) -> str:
     """The paper's Table 4 layout (method | 1-D AUC | dense AUC), then the GLP winners."""
     st = result["settings"]
     n_tasks = len(result["tasks"])
-    lines = [f"Table 4: probing AUC over {n_tasks} binary tasks ({st.get('model') or 'LLM'}"
+    lines = [f"Table 4: probing AUC over {n_tasks} binary task{'s' * (n_tasks != 1)} ({st.get('model') or 'LLM'}"
              f" layer {st.get('layer')}); mean test AUC [95% bootstrap CI]", "",
              "| method | 1-D AUC | dense AUC |", "|---|---|---|"]
     dense = result.get("auc_dense", {})

@@ -187,7 +187,7 @@ def fortune_tasks(*, min_count: int = FORTUNE_MIN_COUNT, max_tasks: int | None =
     if max_tasks is not None:
         order = order[:max_tasks]
     tasks = []
-    for ci, cat in enumerate(order):
+    for ci, cat in enumerate(map(str, order)):
         rng = np.random.default_rng([seed, ci])
         pos = np.flatnonzero(labels == cat)
         neg = np.flatnonzero(labels != cat)
