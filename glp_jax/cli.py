@@ -303,6 +303,50 @@ def cmd_eval_recon(args) -> int:
     return 0
 
 
+def cmd_eval_probe(args) -> int:
+    from glp_jax.evals.probe import probe_run
+
+    out = _eval_out(args)
+    res = probe_run(args.targets[0], baselines=args.targets[1:], tasks=args.tasks or None,
+                    sigma=args.sigma, seed=args.seed, max_tasks=args.max_tasks,
+                    max_per_task=args.max_per_task, out_dir=out, progress=not args.quiet,
+                    dense=not args.no_dense, pca_k=args.pca_k, max_length=args.max_length)
+    print(", ".join(f"{m}: 1-D AUC {v['mean']:.3f}" for m, v in res["auc_1d"].items()
+                    if v and v.get("mean") is not None) + f" -> {out / 'probe.md'}")
+    return 0
+
+
+def cmd_eval_steer(args) -> int:
+    from glp_jax.evals.steer import steer_run, summarize_steer
+
+    out = _eval_out(args)
+    res = steer_run(args.targets[0], baselines=args.targets[1:], rs=_floats(args.rs),
+                    n_prompts=args.n_prompts, max_new_tokens=args.max_new_tokens,
+                    sigma0=args.sigma0, steps=args.proj_steps, convention=args.convention,
+                    seed=args.seed, pos=args.pos, neg=args.neg, prompts=args.prompts,
+                    out_dir=out, progress=not args.quiet)
+    print(summarize_steer(res) + f" -> {out / 'steer.md'}")
+    return 0
+
+
+def cmd_eval_neuron(args) -> int:
+    from glp_jax.evals.neuron import top_activating
+
+    out = _eval_out(args)
+    _, md = top_activating(args.targets[0], args.block, args.unit, n_docs=args.n_docs,
+                           top=args.top, sigma=args.sigma, seed=args.seed, out_dir=out,
+                           progress=not args.quiet)
+    print(md)
+    return 0
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.replace(",", " ").split())
+    except ValueError as e:
+        raise GLPError(f"expected a list of numbers, got {text!r}") from e
+
+
 def cmd_pca(args) -> int:
     from glp_jax.data.store import ActivationStore
     from glp_jax.pca import fit_pca
@@ -449,6 +493,45 @@ def build_parser() -> argparse.ArgumentParser:
     edl.set_defaults(fn=cmd_eval_delta_lm)
     erc.add_argument("--n", type=int, default=50_000, help="held-out rows")
     erc.set_defaults(fn=cmd_eval_recon)
+
+    epr = evsub.add_parser("probe", help="1-D and dense probing: GLP meta-neurons vs raw, "
+                           "MLP neurons, SAE latents, PCA (Table 4)")
+    est = evsub.add_parser("steer", help="on-manifold sentiment steering: concept vs fluency "
+                           "per method and r (Figure 5)")
+    ene = evsub.add_parser("neuron", help="top-activating held-out texts of one meta-neuron")
+    for q in (epr, est, ene):
+        q.add_argument("targets", nargs="+", help="a GLP run, then baselines (SAE runs, PCA "
+                       "folders); its evals/ is the default --out")
+        q.add_argument("--out", default=None)
+        q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--quiet", action="store_true")
+    for q in (epr, ene):
+        q.add_argument("--sigma", type=float, default=0.1, help="meta-neuron noise level "
+                       "(0.1 for comparisons, 0.5 for scaling)")
+    epr.add_argument("--tasks", nargs="*", default=None, help=".csv/.jsonl (text,label) files "
+                     "or original-layout task folders (default: the fortune category suite)")
+    epr.add_argument("--max-tasks", type=int, default=None)
+    epr.add_argument("--max-per-task", type=int, default=None)
+    epr.add_argument("--max-length", type=int, default=512)
+    epr.add_argument("--pca-k", type=int, default=32)
+    epr.add_argument("--no-dense", action="store_true", help="skip the dense probes")
+    epr.set_defaults(fn=cmd_eval_probe)
+    est.add_argument("--rs", default="0.2,0.4,0.6,0.8,1.0,1.2,1.4,1.6,1.8,2.0",
+                     help="coefficients relative to the mean activation norm")
+    est.add_argument("--n-prompts", type=int, default=100)
+    est.add_argument("--max-new-tokens", type=int, default=20)
+    est.add_argument("--sigma0", type=float, default=0.5)
+    est.add_argument("--proj-steps", type=int, default=20)
+    est.add_argument("--convention", default="code", choices=["code", "paper"])
+    est.add_argument("--pos", default=None, help="positive texts (.txt one per line, .jsonl)")
+    est.add_argument("--neg", default=None, help="negative texts")
+    est.add_argument("--prompts", default=None, help="neutral prompts")
+    est.set_defaults(fn=cmd_eval_steer)
+    ene.add_argument("--block", type=int, required=True)
+    ene.add_argument("--unit", type=int, required=True)
+    ene.add_argument("--n-docs", type=int, default=1024)
+    ene.add_argument("--top", type=int, default=20)
+    ene.set_defaults(fn=cmd_eval_neuron)
 
     pc = sub.add_parser("pca", help="fit the PCA baseline on a store (float64, streamed)")
     pc.add_argument("store")

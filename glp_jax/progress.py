@@ -26,11 +26,15 @@ class _LineWriter:
         self.stream.flush()
 
 
-def progress_bar(total: int | None = None, desc: str = "", unit: str = "it",
-                 enabled: bool = True, stream=None, **kwargs):
-    """tqdm(total, desc, unit, ...) for terminals and logs alike; disabled when not enabled."""
+def progress_bar(total=None, desc: str = "", unit: str = "it", enabled: bool = True,
+                 stream=None, **kwargs):
+    """tqdm(total, desc, unit, ...) for terminals and logs alike; disabled when not enabled.
+    `total` may be an iterable (iterate over the returned bar) or a count."""
     from tqdm.auto import tqdm
 
+    if total is not None and not isinstance(total, int | float):
+        kwargs["iterable"] = total
+        total = len(total) if hasattr(total, "__len__") else None
     stream = stream or sys.stderr
     tty = hasattr(stream, "isatty") and stream.isatty()
     interval = float(os.environ.get("GLP_LOG_INTERVAL", 15.0))

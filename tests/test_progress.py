@@ -25,3 +25,10 @@ def test_disabled_progress_prints_nothing():
     bar.update(10)
     bar.close()
     assert out.getvalue() == ""
+
+
+def test_iterable_progress_yields_every_item(monkeypatch):
+    monkeypatch.setenv("GLP_LOG_INTERVAL", "0")
+    out = io.StringIO()
+    assert list(progress_bar(range(5), "it", stream=out)) == [0, 1, 2, 3, 4]
+    assert out.getvalue().splitlines()[-1].startswith("it: 100%")

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from glp_jax.errors import GLPError
+from glp_jax.progress import progress_bar
 
 RESULT_NAME = "neuron"
 
@@ -36,7 +37,6 @@ def neuron_activations(lm, layer: int, glp, sequences, block: int, unit: int, *,
     """Activation [N, T] of meta-neuron (block, unit) at every position (NaN at the BOS and
     at padding)."""
     import torch
-    from tqdm.auto import tqdm
 
     from glp_jax.evals.features import glp_meta_neurons
     from glp_jax.llm.extract import TruncatedForward
@@ -52,8 +52,7 @@ def neuron_activations(lm, layer: int, glp, sequences, block: int, unit: int, *,
     fwd = TruncatedForward(lm.model, [layer])
     device = next(lm.model.parameters()).device
     multi = len(getattr(glp, "layers", [])) > 1 or glp.config.is_multi_layer
-    for s in tqdm(range(0, n, batch_size), desc="meta-neuron", disable=not progress,
-                  mininterval=10.0):
+    for s in progress_bar(range(0, n, batch_size), "meta-neuron", "batch", enabled=progress):
         rows = np.arange(s, min(n, s + batch_size))
         width = int(mask[rows].sum(1).max())
         resid = fwd(torch.from_numpy(ids[rows, :width]).to(device),

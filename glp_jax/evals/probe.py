@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from glp_jax.errors import GLPError
+from glp_jax.progress import progress_bar
 
 CS = np.logspace(-5, 0, 10)
 N_FOLDS, TOP_K, N_BOOT, BOOT_SEED = 5, 512, 10_000, 0
@@ -241,8 +242,6 @@ def evaluate_probes(tasks, methods, *, lm=None, layer: int | None = None, k: int
     `lm` at `layer` once per task (last-token residual and MLP neurons); tasks with cached
     activations only feed methods that read the residual. Writes probe.json/.md to
     `out_dir` when given."""
-    from tqdm.auto import tqdm
-
     from glp_jax.evals.features import CACHE_BYTES, TaskFeatures, task_inputs
 
     names = [m.name for m in methods]
@@ -259,7 +258,7 @@ def evaluate_probes(tasks, methods, *, lm=None, layer: int | None = None, k: int
     skipped: dict[str, list[str]] = {m.name: [] for m in methods}
     llm_s = 0.0
     t_start = time.perf_counter()
-    for task in tqdm(tasks, desc="probe tasks", disable=not progress):
+    for task in progress_bar(tasks, "probe tasks", "task", enabled=progress):
         t0 = time.perf_counter()
         inputs = task_inputs(task, lm, layer, mlp=need_mlp, max_length=max_length,
                              batch_size=batch_size)

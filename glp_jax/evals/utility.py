@@ -1,0 +1,106 @@
+"""Utility versus compute: probing (and steering) at every checkpoint of a sweep.
+
+The paper's Figures 2b/2c and 11 plot downstream utility against compute C = 6ND and
+against the GLP's loss, over the intermediate checkpoints of its runs. Here every kept
+checkpoint of every GLP run is evaluated and each result is appended to the run's
+metrics.jsonl as {"step": s, "probe_auc_1d": ..., "steer_score": ...}; `glp fit` merges
+these with the training rows of the same step and fits f(C) on the loss frontier and the
+linear f(L), and `glp plot` draws them (glp_jax.scaling, glp_jax.plots).
+
+The LLM's last-token activations of the probe tasks are computed once and reused for every
+checkpoint (only the GLP changes), and the steering direction, prompts and activation
+norm once per sweep, so the cost per checkpoint is the GLP's own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from glp_jax.errors import GLPError
+from glp_jax.progress import progress_bar
+from glp_jax.rundir import RunDir
+
+PROBE_COLUMN, STEER_COLUMN = "probe_auc_1d", "steer_score"
+
+
+def checkpoint_steps(run_dir, which: str = "all") -> list[int]:
+    """Steps with a complete checkpoint: all, or only the last."""
+    from glp_jax.checkpoint import RunCheckpoints
+
+    ckpt = RunCheckpoints(run_dir, async_save=False, keep_last_n=10**9)
+    try:
+        steps = sorted(ckpt.all_steps())
+    finally:
+        ckpt.close()
+    if not steps:
+        raise GLPError(f"{run_dir} has no complete checkpoint")
+    return steps if which == "all" else steps[-1:]
+
+
+def cached_tasks(tasks, lm, layer: int, *, max_length: int = 512, batch_size: int = 32,
+                 progress: bool = True):
+    """The tasks with their last-token residuals computed once (texts dropped)."""
+    from glp_jax.evals.features import task_inputs
+
+    out = []
+    for task in progress_bar(tasks, "probe inputs", "task", enabled=progress):
+        acts = task_inputs(task, lm, layer, mlp=False, max_length=max_length,
+                           batch_size=batch_size)["resid"]
+        out.append(dataclasses.replace(task, acts=acts, texts=None))
+    return out
+
+
+def utility_over_checkpoints(paths, *, probe: bool = True, steer: bool = False,
+                             which: str = "all", sigma: float = 0.5, seed: int = 0,
+                             max_tasks: int | None = 4, max_per_task: int | None = 300,
+                             max_length: int = 128, steer_kwargs: dict | None = None,
+                             progress: bool = True) -> dict:
+    """Evaluate every checkpoint of every GLP run under `paths`; append the columns to each
+    run's metrics.jsonl. Returns {run: [{step, probe_auc_1d, steer_score}, ...]}."""
+    from glp_jax.api import load
+    from glp_jax.evals.features import glp_method
+    from glp_jax.evals.probe import evaluate_probes, run_llm_and_layer
+    from glp_jax.evals.probe_data import fortune_tasks
+    from glp_jax.evals.tables import find_targets
+    from glp_jax.llm.loading import load_causal_lm
+
+    glps, _ = find_targets(paths)
+    if not glps:
+        raise GLPError(f"no GLP runs under {paths}")
+    name, layer = run_llm_and_layer(glps[0])
+    lm = load_causal_lm(name, dtype="float32")
+    tasks = None
+    if probe:
+        tasks = cached_tasks(fortune_tasks(max_tasks=max_tasks, max_per_task=max_per_task), lm,
+                             layer, max_length=max_length, progress=progress)
+    steerer = _steerer(glps[0], lm, layer, seed, steer_kwargs or {}) if steer else None
+    results: dict[str, list[dict]] = {}
+    for run in glps:
+        if run_llm_and_layer(run) != (name, layer):
+            raise GLPError(f"{run} was trained on another LLM or layer than {glps[0]}; "
+                           f"evaluate it separately")
+        rows = []
+        for step in checkpoint_steps(run, which):
+            glp = load(run, step=step)
+            row = {"step": int(step)}
+            if probe:
+                res = evaluate_probes(tasks, [glp_method(glp, sigma=sigma, seed=seed)],
+                                      dense=False, progress=False)
+                row[PROBE_COLUMN] = res["auc_1d"]["glp"]["mean"]
+            if steerer is not None:
+                row[STEER_COLUMN] = steerer(glp)
+            rows.append(row)
+            if progress:
+                print(f"[utility] {run.name} step {step}: "
+                      + ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "step"),
+                      flush=True)
+        RunDir(run).add_metrics(rows)
+        results[str(run)] = rows
+    return results
+
+
+def _steerer(run, lm, layer: int, seed: int, kwargs: dict):
+    """glp -> steer_score with the sweep's fixed texts, direction and activation norm."""
+    from glp_jax.evals.steer import steer_score_of
+
+    return steer_score_of(run, lm=lm, layer=layer, seed=seed, **kwargs)
