@@ -29,7 +29,6 @@ from glp_jax.llm.generate import (
     greedy_generate,
     left_pad,
 )
-from glp_jax.llm.intervene import edit_layer_output
 from glp_jax.llm.last_token import last_token_activations
 
 LAYER, NEW = 14, 6
@@ -37,6 +36,16 @@ PROMPTS = ["The weather report for tomorrow says that", "I opened the door and",
            "Q: What is the capital of France? A:"]  # unequal lengths: left padding matters
 POS = ["What a wonderful, happy day!", "I love this, it is great.", "Such a joy to see you."]
 NEG = ["This is awful and sad.", "I hate it, terrible.", "What a horrible, painful loss."]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The LLM in one thread while this module runs (restored after): on the shared 2-core
+    box, two OpenMP threads wait on each other and small forwards run ~5x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -236,36 +245,43 @@ def test_evaluate_steering_with_a_glp_is_seeded_and_scored(smollm2, w):
 
 
 def test_steer_run_writes_reports_with_the_val_store_norm(smollm2, tmp_path):
-    """A run folder whose run.json names SmolLM2 layer-14 stores (diffmean only: no
-    checkpoint needed); the user's texts from files."""
+    """A tiny GLP run (2 steps) on SmolLM2 layer-14-shaped stores; the user's texts from
+    files; act_norm from the val store's rows."""
+    from glp_jax.config import make_config
     from glp_jax.data.store import ActivationStore, StoreMeta
+    from glp_jax.train import train
 
     rng = np.random.default_rng(0)
     for name, scale in (("train", 1.0), ("val", 2.0)):
         s = ActivationStore.create(tmp_path / name, StoreMeta(
             model=smollm2.model_id, layers=[LAYER], d=smollm2.d, corpus="fortune"))
-        x = (scale * rng.standard_normal((40, smollm2.d))).astype(np.float32)
-        s.append({LAYER: x}, np.zeros(40), np.arange(40))
+        x = (scale * rng.standard_normal((64, smollm2.d))).astype(np.float32)
+        s.append({LAYER: x}, np.zeros(64), np.arange(64))
     run = tmp_path / "run"
-    run.mkdir()
-    (run / "run.json").write_text(json.dumps({"train_dataset": str(tmp_path / "train"),
-                                              "val_dataset": str(tmp_path / "val"),
-                                              "layers": [LAYER]}))
+    train(make_config(dict(train_dataset=str(tmp_path / "train"),
+                           val_dataset=str(tmp_path / "val"), n_layers=1, d_model=32,
+                           d_mlp=64, batch_size=16, num_steps=2, use_bf16=False,
+                           data_mode="repeat", log_every_n_steps=2, save_every_n_steps=2,
+                           eval_rows=16, epoch_size=32, output_path=str(run),
+                           progress=False)))
     norm, info = mean_activation_norm(run)
-    assert info["source"] == "val store" and info["rows"] == 40
-    stored = ActivationStore.open(str(tmp_path / "val")).read_range(0, 40)  # bf16 rounded
+    assert info["source"] == "val store" and info["rows"] == 64
+    stored = ActivationStore.open(str(tmp_path / "val")).read_range(0, 64)  # bf16 rounded
     assert norm == pytest.approx(np.linalg.norm(stored.astype(np.float64), axis=1).mean())
     (tmp_path / "pos.txt").write_text("\n".join(POS))
     (tmp_path / "neg.txt").write_text("\n".join(NEG))
     (tmp_path / "prompts.jsonl").write_text("\n".join(json.dumps({"text": p}) for p in PROMPTS))
     out = tmp_path / "out"
-    r = steer_run(run, rs=(0.4, 1.2), n_prompts=2, max_new_tokens=3, methods=("diffmean",),
+    r = steer_run(run, rs=(0.4, 1.2), n_prompts=2, max_new_tokens=3, seed=4,
                   pos=tmp_path / "pos.txt", neg=tmp_path / "neg.txt",
                   prompts=tmp_path / "prompts.jsonl", out_dir=out, lm=smollm2, progress=False)
     assert r["prompts"] == PROMPTS[:2] and r["act_norm"]["value"] == pytest.approx(norm)
+    assert set(r["steer_score"]) == {"diffmean", "glp"} and r["step"] == 2
+    assert r["methods"]["glp"]["step"] == 2 and r["direction"]["n_pos"] == 3
     saved = json.loads((out / "steer.json").read_text())
     assert saved["steer_score"] == r["steer_score"] and saved["act_norm"]["source"] == "val store"
-    assert "| diffmean | 1.2 |" in (out / "steer.md").read_text()
+    md = (out / "steer.md").read_text()
+    assert "| diffmean | 1.2 |" in md and "| glp | 0.4 |" in md
     assert (out / "steer_pareto.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(GLPError, match="unknown steering method"):
         steer_run(run, methods=("sae",), lm=smollm2, write=False)

@@ -466,6 +466,15 @@ def plot_steer_pareto(result: dict, path, task: str = "positive") -> Path:
 
 # -- a trained run, end to end (what `glp eval steer RUN [BASELINES...]` calls) -----------
 
+def fit_chunk(rec, rows: int) -> None:
+    """Steering calls a reconstructor with <= `rows` rows per forward (the generation batch):
+    make that its chunk, so a full batch is one unpadded compiled shape (the default chunking
+    pads small calls to >= 64 rows, doubling the GLP's cost at batch 32)."""
+    for attr in ("batch_size", "chunk"):  # GLPProjection, LoadedSAE
+        if isinstance(getattr(rec, attr, None), int):
+            setattr(rec, attr, int(rows))
+
+
 def _method_name(rec, taken: set[str]) -> str:
     base = _describe(rec).get("method", "baseline")
     name, k = base, 2
@@ -537,6 +546,8 @@ def steer_run(run_dir, baselines: Sequence = (), *, rs: Sequence[float] = DEFAUL
         rec = load_reconstructor(b, sigma0=sigma0, steps=steps, convention=convention,
                                  seed=seed)
         recons[_method_name(rec, set(recons))] = rec
+    for rec in recons.values():
+        fit_chunk(rec, batch_size)
     if not recons:
         raise GLPError("no steering method to run: methods= is empty and no baselines given")
     result = evaluate_steering(lm, layer, w, act_norm, texts.prompts, recons, rs=rs,

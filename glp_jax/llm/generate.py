@@ -223,7 +223,8 @@ def continuation_nll(lm, prompts: Sequence[Sequence[int]], continuations: Sequen
     its prompt, under `lm` as it is (run it without hooks for the unsteered model).
 
     Token ids are concatenated (prompt + continuation), never re-tokenised from strings, and
-    scored in one right-padded forward per batch; only the continuation's tokens count."""
+    scored in one left-padded forward per batch (position ids from the mask, as in
+    generation); only the continuation's tokens count, and only their logits are computed."""
     import torch
     import torch.nn.functional as F
 
@@ -240,20 +241,20 @@ def continuation_nll(lm, prompts: Sequence[Sequence[int]], continuations: Sequen
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            width = max(len(seqs[i]) for i in idx)
-            ids = np.full((len(idx), width), pad, np.int64)
-            mask = np.zeros((len(idx), width), np.int64)
-            score = np.zeros((len(idx), width - 1), bool)  # label position j+1 scored
-            for r, i in enumerate(idx):
-                n_p, n = len(prompts[i]), len(seqs[i])
-                ids[r, :n] = seqs[i]
-                mask[r, :n] = 1
-                score[r, n_p - 1:n - 1] = True
+            # left-padded, so every continuation ends at column -1 and only the last
+            # (longest continuation + 1) positions need logits
+            ids, mask = left_pad([seqs[i] for i in idx], pad)
+            n_c = np.array([len(continuations[i]) for i in idx])
+            keep = int(n_c.max()) + 1
             ids_t = torch.from_numpy(ids).to(device)
-            logits = model(input_ids=ids_t, attention_mask=torch.from_numpy(mask).to(device),
-                           use_cache=False).logits
-            v = logits.shape[-1]
-            ce = F.cross_entropy(logits[:, :-1].reshape(-1, v).float(), ids_t[:, 1:].reshape(-1),
-                                 reduction="none").view(len(idx), width - 1).double().cpu().numpy()
-            out[idx] = (ce * score).sum(1) / score.sum(1)
+            mask_t = torch.from_numpy(mask).to(device)
+            logits = model(input_ids=ids_t, attention_mask=mask_t,
+                           position_ids=(mask_t.cumsum(1) - 1).clamp(min=0), use_cache=False,
+                           logits_to_keep=keep).logits[:, :-1]  # predicts the last keep-1
+            labels = ids_t[:, -(keep - 1):]
+            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                 labels.reshape(-1), reduction="none")
+            ce = ce.view(len(idx), keep - 1).double().cpu().numpy()
+            scored = np.arange(keep - 1)[None, :] >= (keep - 1 - n_c)[:, None]
+            out[idx] = (ce * scored).sum(1) / n_c
     return out
