@@ -5,7 +5,9 @@ neutral prefixes, neither of which ships here): the fortune corpus, scored by VA
 - Each fortune is cleaned first: a trailing attribution line ("\\t\\t-- Author") is dropped
   (its last token would otherwise be a name, and DiffMean reads the last token), whitespace
   is collapsed, duplicates are removed.
-- Direction sets: fortunes of <= 400 characters; positive = the `n_direction` highest VADER
+- Direction sets: fortunes of <= 150 characters (short texts: the last token is closer to
+  the sentiment; on SmolLM2 layer 14 a held-out AUC of the projection on w of 0.78 vs 0.71
+  with <= 400 characters, and DiffMean costs 2-3x less); positive = the `n_direction` highest VADER
   compound scores with compound >= 0.5, negative = the `n_direction` lowest with compound
   <= -0.5. The two are disjoint by construction.
 - Prompts: fortunes whose compound is within +-0.05 (neutral), with >= `prompt_words` + 4
@@ -33,7 +35,7 @@ import numpy as np
 from glp_jax.errors import GLPError
 
 DIRECTION_THRESHOLD, NEUTRAL_THRESHOLD = 0.5, 0.05
-DEFAULT_N_DIRECTION, DEFAULT_PROMPT_WORDS, MAX_DIRECTION_CHARS = 256, 10, 400
+DEFAULT_N_DIRECTION, DEFAULT_PROMPT_WORDS, MAX_DIRECTION_CHARS = 256, 10, 150
 _ATTRIBUTION = re.compile(r"\n\s*--\s.*\Z", re.DOTALL)
 
 
