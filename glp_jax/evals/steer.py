@@ -1,0 +1,570 @@
+"""On-manifold sentiment steering (GLP_SPEC.md section 6, EVAL_PROTOCOL.md "On-manifold
+steering"), judged without a hosted model.
+
+Protocol:
+- Direction: DiffMean of last-token residuals at decoder layer k (`last_token_activations`,
+  BOS/separator kept as in extraction): w = mean(pos) - mean(neg), w /= (||w|| + 1e-8).
+  Texts: `glp_jax.evals.steer_data` (fortunes scored by VADER by default, or the user's).
+- Strength: alpha = r * act_norm with r in {0.2, ..., 2.0}; act_norm is the MEAN L2 norm of
+  held-out activations of the layer, measured on rows of the run's val store (its train
+  store when it has none); the result says which (`act_norm.source`). The original used
+  constants (5.2087 for Llama-3.2-1B layer 7). The negative task uses -r.
+- Edit: at decoder layer k, only the last position of every forward (the last prompt token
+  at prefill, prompts left-padded; then each new token under the KV cache):
+  diffmean: a' = a + alpha*w;  glp: a' = GLP on-manifold projection of a + alpha*w (sigma0
+  0.5 in the code convention = 0.474 and 10 Euler steps of a 20-step grid; seeded, fresh
+  noise each forward: call i uses seed + i);  sae (or any reconstructor given as a
+  baseline): a' = its reconstruction of a + alpha*w.
+  Greedy decoding, 20 new tokens, several prompts per forward (`glp_jax.llm.generate`).
+- Scores, on the continuation only (the prompt never counts):
+  concept = VADER compound in [-1, 1] (sign-flipped for the negative task, so higher is
+  better for both); optionally the positive-class probability of a Hugging Face
+  text-classification model the user names (`classifier=`, local/offline; skipped when it
+  cannot be loaded). fluency = mean NLL per token of the continuation under the UNSTEERED
+  model given the prompt: one forward over concatenated token ids (no re-tokenised
+  "prompt + ' ' + continuation" string as in the original), prompt tokens masked.
+  Per method and r: means over prompts with 95% percentile-bootstrap CIs over prompts
+  (scipy.stats.bootstrap, 9999 resamples, rng seeded).
+- steer_score (the scaling summary; the original averaged the AxBench judge's 0-2 concept
+  and fluency ratings): per r, (concept01 + fluency01) / 2, then the mean over r in
+  [1.2, 2.0] (the original's |r| > 1 on the 0.2 grid). Mappings to [0, 1]:
+  concept01 = mean over prompts of max(0, concept) (0 = absent or opposite sentiment, as a
+  judge's 0; 1 = VADER's most positive);
+  fluency01 = min(1, exp(NLL_unsteered - NLL)) on the means = the unsteered greedy
+  continuations' perplexity over the steered ones' (1 = as fluent as not steering).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from glp_jax.errors import GLPError
+from glp_jax.llm.generate import LastPositionEdit, continuation_nll, greedy_generate
+
+RESULT_NAME, PLOT_NAME = "steer", "steer_pareto.png"
+DEFAULT_RS = tuple(round(0.2 * i, 1) for i in range(1, 11))
+SCORE_R_RANGE = (1.2, 2.0)
+DEFAULT_N_PROMPTS, DEFAULT_MAX_NEW_TOKENS, PROMPT_MAX_TOKENS = 32, 20, 64
+N_RESAMPLES, NORM_ROWS = 9999, 8192
+TASK_SIGN = {"positive": 1.0, "negative": -1.0}
+
+
+# -- direction and strength -----------------------------------------------------------------
+
+def diffmean_direction(lm, layer: int, pos: Sequence[str], neg: Sequence[str], *,
+                       max_length: int = 2048, batch_size: int = 32,
+                       progress: bool = False) -> tuple[np.ndarray, dict]:
+    """(w [d] float32 unit norm, info): mean last-token residual of `pos` minus `neg`."""
+    from glp_jax.llm.last_token import last_token_activations
+
+    if not pos or not neg:
+        raise GLPError("DiffMean needs at least one positive and one negative text")
+    acts = last_token_activations(lm, layer, list(pos) + list(neg), max_length=max_length,
+                                  batch_size=batch_size, progress=progress)["resid"]
+    a = acts.astype(np.float64)
+    w = a[: len(pos)].mean(0) - a[len(pos):].mean(0)
+    raw = float(np.linalg.norm(w))
+    w = w / (raw + 1e-8)
+    return w.astype(np.float32), {"n_pos": len(pos), "n_neg": len(neg), "raw_norm": raw,
+                                  "mean_last_token_norm": float(np.linalg.norm(a, axis=1).mean())}
+
+
+def mean_activation_norm(run_dir, layer: int | None = None, *,
+                         max_rows: int = NORM_ROWS) -> tuple[float, dict]:
+    """Mean L2 norm of up to `max_rows` rows (evenly spaced) of the run's val store, or of
+    its train store when run.json names no val store: (value, where it came from)."""
+    from glp_jax.data.store import ActivationStore
+    from glp_jax.rundir import RunDir
+
+    resolved = RunDir(run_dir).resolved()
+    for key in ("val_dataset", "train_dataset"):
+        url = resolved.get(key)
+        if isinstance(url, list | tuple):
+            url = url[0] if url else None
+        if not url:
+            continue
+        try:
+            store = ActivationStore.open(str(url))
+        except GLPError as e:
+            warnings.warn(f"cannot open the run's {key} {url} ({e})", stacklevel=2)
+            continue
+        if len(store) == 0:
+            continue
+        n = min(max_rows, len(store))
+        idx = np.unique(np.linspace(0, len(store) - 1, n).round().astype(np.int64))
+        rows = store.read_rows(idx, layer=layer if len(store.layers) > 1 else None)
+        value = float(np.linalg.norm(rows.astype(np.float64), axis=1).mean())
+        return value, {"source": "val store" if key == "val_dataset" else "train store",
+                       "store": str(url), "rows": int(len(idx)), "of_rows": len(store)}
+    raise GLPError(f"run {run_dir} names no readable val or train store to measure the mean "
+                   f"activation norm on; pass act_norm= (e.g. 5.2087 for Llama-3.2-1B L7)")
+
+
+# -- scores ---------------------------------------------------------------------------------
+
+def concept_scores(texts: Sequence[str], task: str = "positive") -> np.ndarray:
+    """VADER compound of each text, sign-flipped for the negative task (higher = better)."""
+    from glp_jax.evals.steer_data import vader_compound
+
+    return TASK_SIGN[task] * vader_compound(texts)
+
+
+def bootstrap_ci(values, *, seed: int = 0, confidence: float = 0.95,
+                 n_resamples: int = N_RESAMPLES) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean (scipy.stats.bootstrap, rng seeded). One value or a
+    constant sample gives (value, value)."""
+    from scipy.stats import bootstrap
+
+    x = np.asarray(values, np.float64)
+    if x.size == 0:
+        return math.nan, math.nan
+    if x.size == 1 or np.all(x == x[0]):
+        return float(x[0]), float(x[0])
+    res = bootstrap((x,), np.mean, confidence_level=confidence, n_resamples=n_resamples,
+                    method="percentile", vectorized=True, rng=np.random.default_rng(seed))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def _stat(values, seed: int) -> dict:
+    lo, hi = bootstrap_ci(values, seed=seed)
+    return {"mean": float(np.mean(values)), "ci_low": lo, "ci_high": hi}
+
+
+def distinct_ratio(tokens: Sequence[int]) -> float:
+    """Unique tokens / tokens: a repetition check beside NLL (repetition can lower NLL)."""
+    return len(set(tokens)) / max(len(tokens), 1)
+
+
+def load_classifier(name: str) -> Callable[[list[str]], np.ndarray] | None:
+    """A Hugging Face text-classification model (local or cached; offline) as texts ->
+    P(positive) in [0, 1]: the probability of the label named like "pos...", else, for
+    ordinal labels (LABEL_0..K or digits, e.g. SST-5), the expected class scaled to [0, 1].
+    None (with a warning) when it cannot be loaded."""
+    try:
+        from transformers import pipeline
+
+        clf = pipeline("text-classification", model=name, top_k=None, device="cpu")
+    except Exception as e:  # noqa: BLE001 - any loading failure means: skip it
+        warnings.warn(f"classifier {name!r} could not be loaded ({type(e).__name__}: {e}); "
+                      f"skipping the classifier score", stacklevel=2)
+        return None
+
+    def score(texts: list[str]) -> np.ndarray:
+        out = []
+        for scores in clf([t if t.strip() else "." for t in texts], truncation=True):
+            probs = {str(s["label"]).lower(): float(s["score"]) for s in scores}
+            posl = [k for k in probs if "pos" in k]
+            if posl:
+                out.append(probs[posl[0]])
+                continue
+            try:
+                idx = {k: int(k.rsplit("_", 1)[-1]) for k in probs}
+            except ValueError as e:
+                raise GLPError(f"classifier {name!r} labels {sorted(probs)} are neither "
+                               f"positive/negative nor ordinal") from e
+            k_max = max(max(idx.values()), 1)
+            out.append(sum(p * idx[k] / k_max for k, p in probs.items()))
+        return np.asarray(out, np.float64)
+
+    return score
+
+
+# -- the evaluation -------------------------------------------------------------------------
+
+def _progress(enabled: bool, total: int):
+    from tqdm.auto import tqdm
+
+    from glp_jax.evals.delta_lm import _LineWriter
+
+    stream = sys.stderr
+    tty = hasattr(stream, "isatty") and stream.isatty()
+    return tqdm(total=total, unit="tok", unit_scale=True, desc="steer", disable=not enabled,
+                dynamic_ncols=tty, mininterval=0.5 if tty else 15.0,
+                file=stream if tty else _LineWriter(stream), ascii=not tty)
+
+
+def _describe(rec) -> dict:
+    if rec is None:
+        return {"method": "diffmean", "post": None}
+    describe = getattr(rec, "describe", None)
+    return describe() if callable(describe) else {"method": getattr(rec, "name", repr(rec))}
+
+
+def evaluate_steering(lm, layer: int, direction_D, act_norm: float, prompts: Sequence[str],
+                      methods: Mapping[str, Callable | None], *, rs: Sequence[float] = DEFAULT_RS,
+                      negative: bool = False, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+                      batch_size: int = 32, classifier=None, seed: int = 0,
+                      progress: bool = True) -> dict:
+    """Steer `lm` at decoder layer `layer` along `direction_D` (unit norm) with alpha =
+    r * act_norm for every r, prompt and method, and score the continuations.
+
+    `methods`: name -> None (plain addition, `diffmean`) or a reconstructor (raw [N, d] ->
+    raw [N, d]) applied after the addition. `classifier`: None, a HF model name (see
+    load_classifier) or a callable texts -> P(positive). Returns a JSON-able dict."""
+    if not prompts:
+        raise GLPError("no prompts to steer")
+    rs = [float(r) for r in rs]
+    if not rs or min(rs) < 0:
+        raise GLPError(f"rs must be non-negative strengths (the negative task flips the sign "
+                       f"itself), got {rs}")
+    w = np.asarray(direction_D, np.float32)
+    if not np.isfinite(act_norm) or act_norm <= 0:
+        raise GLPError(f"act_norm must be a positive number, got {act_norm}")
+    tasks = ["positive", "negative"] if negative else ["positive"]
+    from glp_jax.llm.extract import tokenize_documents
+
+    tok = lm.tokenizer
+    prompt_ids = tokenize_documents(tok, list(prompts), PROMPT_MAX_TOKENS)
+    n_p = len(prompt_ids)
+    clf_name = classifier if isinstance(classifier, str) else getattr(classifier, "__name__", None)
+    if isinstance(classifier, str):
+        classifier = load_classifier(classifier)
+    # rows per method: task-major, then r, then prompt
+    grid = [(t, r, p) for t in tasks for r in rs for p in range(n_p)]
+    total = (n_p + len(methods) * len(grid)) * max_new_tokens
+    bar = _progress(progress, total)
+    t_start = time.perf_counter()
+    timing: dict[str, dict] = {}
+    gens: dict[str, list[list[int]]] = {}
+    try:
+        bar.set_postfix_str("unsteered", refresh=False)
+        g0 = greedy_generate(lm, prompt_ids, max_new_tokens=max_new_tokens,
+                             batch_size=batch_size, bar=bar)
+        gens["none"] = g0.tokens
+        timing["none"] = _timing(g0)
+        for name, post in methods.items():
+            bar.set_postfix_str(name, refresh=False)
+            edit = LastPositionEdit(w, post=post)
+            alphas = [TASK_SIGN[t] * r * act_norm for t, r, _ in grid]
+            g = greedy_generate(lm, [prompt_ids[p] for _, _, p in grid],
+                                max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                layer=layer, edit=edit, alphas=alphas, bar=bar)
+            gens[name] = g.tokens
+            timing[name] = _timing(g)
+    finally:
+        bar.close()
+    t_gen = time.perf_counter() - t_start
+    # fluency under the unsteered model: every continuation in one pass
+    all_prompts = list(prompt_ids) + [prompt_ids[p] for _ in methods for _, _, p in grid]
+    all_conts = gens["none"] + [c for m in methods for c in gens[m]]
+    t0 = time.perf_counter()
+    nll_all = continuation_nll(lm, all_prompts, all_conts, batch_size=batch_size)
+    t_nll = time.perf_counter() - t0
+    texts_all = [tok.decode(c, skip_special_tokens=True) for c in all_conts]
+    from glp_jax.evals.steer_data import vader_compound
+
+    compound_all = vader_compound(texts_all)
+    clf_all = None
+    if classifier is not None:
+        clf_all = np.asarray(classifier(texts_all), np.float64)
+
+    def sl(block: int):  # rows of block 0 (unsteered) or method block i >= 1
+        start = 0 if block == 0 else n_p + (block - 1) * len(grid)
+        return slice(start, start + (n_p if block == 0 else len(grid)))
+
+    result_tasks: dict[str, dict] = {}
+    unsteered: dict[str, dict] = {}
+    scores: dict[str, dict] = {}
+    generations = []
+    s0 = sl(0)
+    nll0 = nll_all[s0]
+    for ti, task in enumerate(tasks):
+        sign = TASK_SIGN[task]
+        c0 = sign * compound_all[s0]
+        unsteered[task] = {"concept": _stat(c0, seed), "fluency_nll": _stat(nll0, seed),
+                           "concept01": float(np.maximum(c0, 0).mean()), "fluency01": 1.0}
+        if clf_all is not None:
+            unsteered[task]["classifier"] = _stat(_clf_task(clf_all[s0], task), seed)
+        result_tasks[task] = {}
+        scores[task] = {}
+        for mi, name in enumerate(methods, start=1):
+            rows = []
+            block = sl(mi)
+            for ri, r in enumerate(rs):
+                off = block.start + (ti * len(rs) + ri) * n_p
+                cs = slice(off, off + n_p)
+                concept = sign * compound_all[cs]
+                nll = nll_all[cs]
+                c01 = float(np.maximum(concept, 0).mean())
+                f01 = float(min(1.0, math.exp(float(nll0.mean()) - float(nll.mean()))))
+                row = {"r": r, "alpha": sign * r * act_norm, "concept": _stat(concept, seed),
+                       "fluency_nll": _stat(nll, seed), "concept01": c01, "fluency01": f01,
+                       "combined01": (c01 + f01) / 2,
+                       "distinct": float(np.mean([distinct_ratio(all_conts[i])
+                                                  for i in range(cs.start, cs.stop)]))}
+                if clf_all is not None:
+                    row["classifier"] = _stat(_clf_task(clf_all[cs], task), seed)
+                rows.append(row)
+                for p in range(n_p):
+                    i = off + p
+                    generations.append({"task": task, "method": name, "r": r, "prompt": p,
+                                        "text": texts_all[i], "compound": float(compound_all[i]),
+                                        "nll": float(nll_all[i])})
+            result_tasks[task][name] = rows
+            in_range = [x["combined01"] for x in rows
+                        if SCORE_R_RANGE[0] - 1e-9 <= x["r"] <= SCORE_R_RANGE[1] + 1e-9]
+            scores[task][name] = float(np.mean(in_range)) if in_range else None
+    for p in range(n_p):
+        generations.append({"task": "none", "method": "none", "r": 0.0, "prompt": p,
+                            "text": texts_all[p], "compound": float(compound_all[p]),
+                            "nll": float(nll_all[p])})
+    n_tokens = sum(t["forward_tokens"] for t in timing.values())
+    return {
+        "model": getattr(lm, "model_id", type(lm.model).__name__),
+        "layer": int(layer),
+        "rs": rs,
+        "tasks": tasks,
+        "act_norm": {"value": float(act_norm)},
+        "n_prompts": n_p,
+        "prompts": list(prompts),
+        "max_new_tokens": max_new_tokens,
+        "methods": {m: _describe(p) for m, p in methods.items()},
+        "unsteered": unsteered,
+        "results": result_tasks,
+        "steer_score": scores["positive"],
+        "steer_score_by_task": scores,
+        "steer_score_r_range": list(SCORE_R_RANGE),
+        "classifier": clf_name if classifier is not None else None,
+        "generations": generations,
+        "batch_size": batch_size,
+        "seed": seed,
+        "llm_dtype": str(next(lm.model.parameters()).dtype).replace("torch.", ""),
+        "timing": {"generation_seconds": t_gen, "nll_seconds": t_nll,
+                   "forward_tokens": n_tokens, "tokens_per_s": n_tokens / max(t_gen, 1e-12),
+                   "by_method": timing},
+    }
+
+
+def _clf_task(p_pos: np.ndarray, task: str) -> np.ndarray:
+    return p_pos if task == "positive" else 1.0 - p_pos
+
+
+def _timing(g) -> dict:
+    return {"seconds": g.seconds, "forward_tokens": g.forward_tokens,
+            "tokens_per_s": g.forward_tokens / max(g.seconds, 1e-12),
+            "post_seconds": g.post_seconds, "edit_seconds": g.edit_seconds,
+            "llm_seconds": g.llm_seconds}
+
+
+# -- reports --------------------------------------------------------------------------------
+
+def _ci(s: dict, fmt: str = "{:.3f}") -> str:
+    return f"{fmt.format(s['mean'])} [{fmt.format(s['ci_low'])}, {fmt.format(s['ci_high'])}]"
+
+
+def steer_markdown(result: dict) -> str:
+    """Per task: one row per method and r (concept, fluency NLL with CIs, the [0,1] maps),
+    the unsteered row, steer_score, and a few continuations at the largest r."""
+    an = result["act_norm"]
+    lines = [f"# On-manifold steering: {result['model']} layer {result['layer']}", "",
+             f"{result['n_prompts']} prompts, {result['max_new_tokens']} new tokens (greedy), "
+             f"alpha = r x {an['value']:.4f} (mean activation norm, "
+             f"{an.get('source', 'given')}{', ' + str(an['rows']) + ' rows' if 'rows' in an else ''}"
+             f"), LLM {result['llm_dtype']}."]
+    if result.get("direction"):
+        d = result["direction"]
+        lines.append(f"DiffMean direction from {d['n_pos']} positive / {d['n_neg']} negative "
+                     f"texts (||mean diff|| = {d['raw_norm']:.3f}).")
+    if result.get("texts"):
+        lines.append("Texts: " + "; ".join(f"{k}: {v}" for k, v in result["texts"].items()
+                                          if isinstance(v, str)) + ".")
+    lines.append("Concept: VADER compound of the continuation (sign-flipped for the negative "
+                 "task; higher is better). Fluency: NLL per token of the continuation under "
+                 "the unsteered model (lower is better). 95% bootstrap CIs over prompts.")
+    for task in result["tasks"]:
+        clf = result.get("classifier") is not None
+        lines += ["", f"## {task} sentiment", "",
+                  "| method | r | alpha | concept | fluency NLL | concept01 | fluency01 | "
+                  "distinct |" + (" classifier |" if clf else ""),
+                  "|---|---|---|---|---|---|---|---|" + ("---|" if clf else "")]
+        u = result["unsteered"][task]
+        lines.append(f"| unsteered | 0 | 0 | {_ci(u['concept'])} | {_ci(u['fluency_nll'])} | "
+                     f"{u['concept01']:.3f} | 1.000 | |" + (f" {_ci(u['classifier'])} |"
+                                                         if clf else ""))
+        for m, rows in result["results"][task].items():
+            for x in rows:
+                lines.append(f"| {m} | {x['r']:.1f} | {x['alpha']:.2f} | {_ci(x['concept'])} | "
+                             f"{_ci(x['fluency_nll'])} | {x['concept01']:.3f} | "
+                             f"{x['fluency01']:.3f} | {x['distinct']:.2f} |"
+                             + (f" {_ci(x['classifier'])} |" if clf else ""))
+        lo, hi = result["steer_score_r_range"]
+        lines += ["", f"steer_score (mean over r in [{lo}, {hi}] of (concept01 + fluency01)/2; "
+                  f"concept01 = mean max(0, concept), fluency01 = min(1, exp(NLL_unsteered - "
+                  f"NLL))): " + ", ".join(
+                      f"{m} {'n/a' if s is None else f'{s:.3f}'}"
+                      for m, s in result["steer_score_by_task"][task].items())]
+        r_max = max(result["rs"])
+        lines += ["", f"Continuations at r = {r_max} (first 3 prompts):", ""]
+        for p in range(min(3, result["n_prompts"])):
+            lines.append(f"- prompt: {result['prompts'][p]!r}")
+            for g in result["generations"]:
+                if g["prompt"] == p and ((g["method"] == "none" and task == result["tasks"][0])
+                                         or (g["task"] == task and g["r"] == r_max)):
+                    lines.append(f"  - {g['method']}: {g['text']!r}")
+    t = result["timing"]
+    lines += ["", f"Generation {t['generation_seconds']:.1f} s ({t['tokens_per_s']:.0f} "
+              f"tokens/s over {t['forward_tokens']:,} generated tokens), NLL scoring "
+              f"{t['nll_seconds']:.1f} s."]
+    return "\n".join(lines) + "\n"
+
+
+def summarize_steer(result: dict) -> str:
+    """One line: steer_score per method, throughput."""
+    s = ", ".join(f"{m} {'n/a' if v is None else f'{v:.3f}'}"
+                  for m, v in result["steer_score"].items())
+    t = result["timing"]
+    return (f"steering ({result['model']} L{result['layer']}, {result['n_prompts']} prompts, "
+            f"r {min(result['rs'])}..{max(result['rs'])}): steer_score {s} | "
+            f"{t['generation_seconds']:.0f} s, {t['tokens_per_s']:.0f} tok/s")
+
+
+def plot_steer_pareto(result: dict, path, task: str = "positive") -> Path:
+    """The paper's Figure 5: concept (x) vs fluency NLL (y, lower is better), one line per
+    method through its r values (labelled), CIs as error bars, the unsteered point."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 5.0), dpi=150)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    u = result["unsteered"][task]
+    ax.plot([u["concept"]["mean"]], [u["fluency_nll"]["mean"]], marker="*", ms=14,
+            color="black", ls="none", label="unsteered", zorder=5)
+    for i, (m, rows) in enumerate(result["results"][task].items()):
+        x = np.array([r["concept"]["mean"] for r in rows])
+        y = np.array([r["fluency_nll"]["mean"] for r in rows])
+        xerr = np.array([[r["concept"]["mean"] - r["concept"]["ci_low"],
+                          r["concept"]["ci_high"] - r["concept"]["mean"]] for r in rows]).T
+        yerr = np.array([[r["fluency_nll"]["mean"] - r["fluency_nll"]["ci_low"],
+                          r["fluency_nll"]["ci_high"] - r["fluency_nll"]["mean"]]
+                         for r in rows]).T
+        color = f"C{i}"
+        ax.errorbar(x, y, xerr=xerr, yerr=yerr, color=color, alpha=0.25, ls="none", lw=1)
+        ax.plot(x, y, marker="o", color=color, label=m, zorder=4)
+        for j in {0, len(rows) - 1}:
+            ax.annotate(f"r={rows[j]['r']:g}", (x[j], y[j]), textcoords="offset points",
+                        xytext=(5, 4), fontsize=8, color=color)
+    ax.set_xlabel(f"Concept: VADER compound of the continuation ({task}; higher is better)")
+    ax.set_ylabel("Fluency: NLL per token, unsteered model (lower is better)")
+    ax.set_title(f"Steering {result['model']} layer {result['layer']}, "
+                 f"{result['n_prompts']} prompts")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    return path
+
+
+# -- a trained run, end to end (what `glp eval steer RUN [BASELINES...]` calls) -----------
+
+def fit_chunk(rec, rows: int) -> None:
+    """Steering calls a reconstructor with <= `rows` rows per forward (the generation batch):
+    make that its chunk, so a full batch is one unpadded compiled shape (the default chunking
+    pads small calls to >= 64 rows, doubling the GLP's cost at batch 32)."""
+    for attr in ("batch_size", "chunk"):  # GLPProjection, LoadedSAE
+        if isinstance(getattr(rec, attr, None), int):
+            setattr(rec, attr, int(rows))
+
+
+def _method_name(rec, taken: set[str]) -> str:
+    base = _describe(rec).get("method", "baseline")
+    name, k = base, 2
+    while name in taken:
+        name, k = f"{base}-{k}", k + 1
+    return name
+
+
+def steer_run(run_dir, baselines: Sequence = (), *, rs: Sequence[float] = DEFAULT_RS,
+              n_prompts: int = DEFAULT_N_PROMPTS,
+              max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, sigma0: float = 0.5,
+              steps: int = 20, convention: str = "code", seed: int = 0, pos=None, neg=None,
+              prompts=None, out_dir=None, progress: bool = True, negative: bool = False,
+              methods: Sequence[str] = ("diffmean", "glp"), n_direction: int | None = None,
+              batch_size: int = 32, act_norm: float | None = None, layer: int | None = None,
+              step: int | str = "latest", lm=None, device: str = "cpu", classifier=None,
+              write: bool = True) -> dict:
+    """Sentiment steering with a trained GLP run (methods `diffmean`, `glp`) and baselines
+    (SAE runs / PCA folders: a reconstruction after the addition, named by their kind).
+
+    The run's training store names the LLM, the layer and (val store, else train store) the
+    activations whose mean norm scales r; `act_norm=` overrides it. Texts: `pos`/`neg`/
+    `prompts` (lists or files, see steer_data), else the fortune default. Writes
+    steer.json, steer.md and steer_pareto.png (+ steer_pareto_negative.png with
+    negative=True) to `out_dir` (default <run>/evals) unless write=False."""
+    from glp_jax.evals.delta_lm import _store_of_run, build_methods, lm_name_of
+    from glp_jax.evals.recon import load_reconstructor
+    from glp_jax.evals.steer_data import DEFAULT_N_DIRECTION, steer_texts
+    from glp_jax.llm.loading import load_causal_lm
+    from glp_jax.rundir import EVALS_DIR, RunDir, write_results
+
+    unknown = sorted(set(methods) - {"diffmean", "glp"})
+    if unknown:
+        raise GLPError(f"unknown steering method(s) {unknown}; choose from diffmean, glp "
+                       f"(SAE/PCA: pass their folders as baselines)")
+    if n_prompts < 1:
+        raise GLPError(f"n_prompts must be >= 1, got {n_prompts}")
+    resolved, store = _store_of_run(run_dir)
+    run_layers = [int(k) for k in resolved.get("layers") or store.meta.layers]
+    if layer is None:
+        if len(run_layers) != 1:
+            raise GLPError(f"the run was trained on layers {run_layers}: choose one with layer=")
+        layer = run_layers[0]
+    elif layer not in run_layers:
+        raise GLPError(f"layer {layer} is not among the run's layers {run_layers}")
+    if lm is None:
+        lm = load_causal_lm(lm_name_of(store.meta.model), dtype="float32", device=device)
+    elif lm.model_id != store.meta.model:
+        raise GLPError(f"the run was trained on {store.meta.model} activations but lm is "
+                       f"{lm.model_id}")
+    texts = steer_texts(pos, neg, prompts, n_prompts=n_prompts,
+                        n_direction=n_direction or DEFAULT_N_DIRECTION, seed=seed)
+    w, direction = diffmean_direction(lm, layer, texts.pos, texts.neg, progress=progress)
+    if act_norm is None:
+        act_norm, norm_info = mean_activation_norm(run_dir, layer)
+    else:
+        norm_info = {"source": "given (act_norm=)"}
+    recons: dict[str, Callable | None] = {}
+    if "diffmean" in methods:
+        recons["diffmean"] = None
+    glp = None
+    if "glp" in methods:
+        from glp_jax.api import load
+
+        glp = load(run_dir, step=step)
+        recons.update(build_methods(["glp"], glp=glp, layer=layer, glp_seed=seed,
+                                    sigma0=sigma0, steps=steps, convention=convention))
+    for b in baselines:
+        rec = load_reconstructor(b, sigma0=sigma0, steps=steps, convention=convention,
+                                 seed=seed)
+        recons[_method_name(rec, set(recons))] = rec
+    for rec in recons.values():
+        fit_chunk(rec, batch_size)
+    if not recons:
+        raise GLPError("no steering method to run: methods= is empty and no baselines given")
+    result = evaluate_steering(lm, layer, w, act_norm, texts.prompts, recons, rs=rs,
+                               negative=negative, max_new_tokens=max_new_tokens,
+                               batch_size=batch_size, classifier=classifier, seed=seed,
+                               progress=progress)
+    result["act_norm"].update(norm_info)
+    result["direction"] = direction
+    result["texts"] = texts.source
+    result["run"] = str(run_dir)
+    result["step"] = getattr(glp, "step", None)
+    result["baselines"] = [str(b) for b in baselines]
+    if write:
+        out = Path(out_dir) if out_dir is not None else RunDir(run_dir) / EVALS_DIR
+        out = Path(out) if isinstance(out, str) else out
+        write_results(out, RESULT_NAME, result, steer_markdown(result))
+        plot_steer_pareto(result, out / PLOT_NAME, "positive")
+        if negative:
+            plot_steer_pareto(result, out / "steer_pareto_negative.png", "negative")
+    return result

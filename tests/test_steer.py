@@ -1,0 +1,296 @@
+"""On-manifold steering on the real SmolLM2 (layer 14), few prompts and few tokens: the edit
+touches exactly the last position of each forward, r = 0 is free, batching with left padding
+changes nothing, and the direction, fluency NLL, concept score and CIs equal independent
+computations."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.stats import bootstrap
+
+from glp_jax.errors import GLPError
+from glp_jax.evals.steer import (
+    DEFAULT_RS,
+    bootstrap_ci,
+    concept_scores,
+    diffmean_direction,
+    evaluate_steering,
+    mean_activation_norm,
+    steer_run,
+)
+from glp_jax.evals.steer_data import read_texts, steer_texts, vader_compound
+from glp_jax.llm.extract import tokenize_documents
+from glp_jax.llm.generate import (
+    LastPositionEdit,
+    continuation_nll,
+    greedy_generate,
+    left_pad,
+)
+from glp_jax.llm.last_token import last_token_activations
+
+LAYER, NEW = 14, 6
+PROMPTS = ["The weather report for tomorrow says that", "I opened the door and",
+           "Q: What is the capital of France? A:"]  # unequal lengths: left padding matters
+POS = ["What a wonderful, happy day!", "I love this, it is great.", "Such a joy to see you."]
+NEG = ["This is awful and sad.", "I hate it, terrible.", "What a horrible, painful loss."]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The LLM in one thread while this module runs (restored after): on the shared 2-core
+    box, two OpenMP threads wait on each other and small forwards run ~5x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def ids(smollm2):
+    out = tokenize_documents(smollm2.tokenizer, PROMPTS, 64)
+    assert len({len(t) for t in out}) == len(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def w(smollm2):
+    return diffmean_direction(smollm2, LAYER, POS, NEG)[0]
+
+
+@pytest.fixture(scope="module")
+def unsteered(smollm2, ids):
+    return greedy_generate(smollm2, ids, max_new_tokens=NEW, batch_size=len(ids)).tokens
+
+
+def test_edit_touches_only_the_last_position_of_each_forward(smollm2, ids, w):
+    """Layer output before the edit vs the hidden state entering layer 15: they differ by
+    alpha*w exactly at column -1 (the last prompt token at prefill; the single new position
+    under the KV cache), nowhere else."""
+    blocks = smollm2.model.model.layers
+    pre, post = [], []
+    h1 = blocks[LAYER].register_forward_hook(
+        lambda _m, _i, o: pre.append((o[0] if isinstance(o, tuple) else o).clone()))
+    h2 = blocks[LAYER + 1].register_forward_pre_hook(lambda _m, a: post.append(a[0].clone()))
+    alphas = np.array([3.0, -5.0, 8.0], np.float32)
+    edit = LastPositionEdit(w)
+    try:
+        gen = greedy_generate(smollm2, ids, max_new_tokens=NEW, batch_size=3, layer=LAYER,
+                              edit=edit, alphas=alphas, stop_at_eos=False)
+    finally:
+        h1.remove()
+        h2.remove()
+    width = max(len(t) for t in ids)
+    assert edit.widths == [width] + [1] * (NEW - 1) == [p.shape[1] for p in pre]
+    assert edit.calls == NEW and all(len(t) == NEW for t in gen.tokens)
+    order = np.argsort([-len(t) for t in ids], kind="stable")  # rows are batched longest first
+    want = torch.from_numpy(alphas[order][:, None] * w[None])
+    for a, b in zip(pre, post, strict=True):
+        diff = b - a
+        assert torch.equal(diff[:, :-1], torch.zeros_like(diff[:, :-1]))
+        torch.testing.assert_close(diff[:, -1], want, rtol=0, atol=1e-5)
+
+
+def test_r0_without_projection_reproduces_unsteered_greedy_generation(smollm2, ids, w,
+                                                                      unsteered):
+    edit = LastPositionEdit(w)
+    zero = greedy_generate(smollm2, ids, max_new_tokens=NEW, batch_size=3, layer=LAYER,
+                           edit=edit, alphas=[0.0] * len(ids))
+    assert zero.tokens == unsteered and edit.calls > 0
+    # and the loop is HF's greedy decoding: one unpadded prompt through model.generate
+    with torch.inference_mode():
+        hf = smollm2.model.generate(torch.tensor([ids[0]]), attention_mask=torch.ones(
+            1, len(ids[0]), dtype=torch.long), max_new_tokens=NEW, do_sample=False,
+            pad_token_id=smollm2.tokenizer.pad_token_id)
+    assert hf[0, len(ids[0]):].tolist()[: len(unsteered[0])] == unsteered[0]
+
+
+def test_batched_left_padding_equals_one_prompt_at_a_time(smollm2, ids, w, unsteered):
+    single = [greedy_generate(smollm2, [t], max_new_tokens=NEW).tokens[0] for t in ids]
+    assert single == unsteered
+    alphas = [20.0, 30.0, 40.0]
+    batched = greedy_generate(smollm2, ids, max_new_tokens=NEW, batch_size=3, layer=LAYER,
+                              edit=LastPositionEdit(w), alphas=alphas).tokens
+    one = [greedy_generate(smollm2, [t], max_new_tokens=NEW, layer=LAYER,
+                           edit=LastPositionEdit(w), alphas=[a]).tokens[0]
+           for t, a in zip(ids, alphas, strict=True)]
+    assert batched == one
+    assert batched != unsteered  # the edit is strong enough to change something
+
+
+def test_left_pad_aligns_rows_right():
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
+    np.testing.assert_array_equal(ids, [[5, 6, 7], [0, 0, 8]])
+    np.testing.assert_array_equal(mask, [[1, 1, 1], [0, 0, 1]])
+    with pytest.raises(GLPError):
+        left_pad([[1], []], 0)
+
+
+def test_diffmean_direction_is_unit_norm_and_matches_numpy(smollm2, w):
+    acts = last_token_activations(smollm2, LAYER, POS + NEG)["resid"].astype(np.float64)
+    d = acts[:3].mean(0) - acts[3:].mean(0)
+    want = d / (np.linalg.norm(d) + 1e-8)
+    assert w.dtype == np.float32 and w.shape == (smollm2.d,)
+    assert abs(np.linalg.norm(w.astype(np.float64)) - 1.0) < 1e-6
+    np.testing.assert_allclose(w, want, rtol=0, atol=1e-6)
+
+
+def test_fluency_nll_matches_an_independent_cross_entropy(smollm2, ids, unsteered):
+    got = continuation_nll(smollm2, ids, unsteered, batch_size=2)
+    for p, c, g in zip(ids, unsteered, got, strict=True):
+        x = torch.tensor([p + c])
+        with torch.inference_mode():
+            logits = smollm2.model(input_ids=x).logits[0]
+        ce = F.cross_entropy(logits[len(p) - 1:-1].double(), x[0, len(p):])
+        assert abs(float(ce) - g) < 1e-4
+    assert (got > 0).all()
+
+
+def test_vader_concept_score_on_a_known_string():
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    s = "What a wonderful, happy day. I love it!"
+    want = SentimentIntensityAnalyzer().polarity_scores(s)["compound"]
+    assert vader_compound([s])[0] == want > 0.5
+    np.testing.assert_array_equal(concept_scores([s, "Terrible."], "negative"),
+                                  -vader_compound([s, "Terrible."]))
+
+
+def test_bootstrap_ci_is_reproducible_and_is_scipys_percentile_interval():
+    x = np.random.default_rng(3).normal(size=17)
+    a, b = bootstrap_ci(x, seed=5), bootstrap_ci(x, seed=5)
+    assert a == b and a[0] < x.mean() < a[1]
+    ref = bootstrap((x,), np.mean, method="percentile", n_resamples=9999,
+                    rng=np.random.default_rng(5)).confidence_interval
+    assert a == pytest.approx((ref.low, ref.high), abs=1e-12)
+    assert bootstrap_ci(x, seed=6) != a
+    assert bootstrap_ci([2.0, 2.0]) == (2.0, 2.0)
+
+
+def test_default_texts_are_disjoint_neutral_and_user_files_are_read(tmp_path):
+    t = steer_texts(n_prompts=5, n_direction=20)
+    assert len(t.pos) == len(t.neg) == 20 and len(t.prompts) == 5
+    assert not set(t.pos) & set(t.neg)
+    assert (vader_compound(t.pos) >= 0.5).all() and (vader_compound(t.neg) <= -0.5).all()
+    assert (vader_compound(t.prompts) == 0).all()
+    assert all(len(p.split()) == 10 for p in t.prompts)
+    assert not set(t.prompts) & (set(t.pos) | set(t.neg))
+    assert steer_texts(n_prompts=5, n_direction=20).prompts == t.prompts  # seeded
+    (tmp_path / "p.txt").write_text("good\n\n great \n")
+    (tmp_path / "n.jsonl").write_text('{"text": "bad"}\n{"text": "awful", "label": 0}\n')
+    assert read_texts(tmp_path / "p.txt") == ["good", "great"]
+    u = steer_texts(str(tmp_path / "p.txt"), tmp_path / "n.jsonl", n_prompts=2,
+                    n_direction=5)
+    assert u.pos == ["good", "great"] and u.neg == ["bad", "awful"] and len(u.prompts) == 2
+    with pytest.raises(GLPError, match="both"):
+        steer_texts(["x"], None, n_prompts=2)
+    with pytest.raises(GLPError, match="not found"):
+        read_texts(tmp_path / "missing.txt")
+
+
+def _random_glp(d):
+    from flax import nnx
+
+    from glp_jax.api import LoadedGLP
+    from glp_jax.model import GLP, GLPConfig, Normalizer
+
+    cfg = GLPConfig(d_input=d, n_layers=1, d_model=64, d_mlp=128).resolved()
+    return LoadedGLP(GLP(cfg, rngs=nnx.Rngs(0)),
+                     Normalizer.from_moments(np.zeros(d), np.full(d, 25.0)), cfg, [], "random")
+
+
+def test_evaluate_steering_with_a_glp_is_seeded_and_scored(smollm2, w):
+    from glp_jax.evals.recon import GLPProjection
+
+    glp = _random_glp(smollm2.d)
+    p_pos = []
+
+    def clf(texts):
+        p_pos.append(len(texts))
+        return np.full(len(texts), 0.75)
+
+    def run():
+        return evaluate_steering(
+            smollm2, LAYER, w, 3.0, PROMPTS[:2],
+            {"diffmean": None, "glp": GLPProjection(glp, seed=1)}, rs=(0.0, 2.0),
+            negative=True, max_new_tokens=4, batch_size=8, classifier=clf, progress=False)
+
+    a, b = run(), run()
+    for x in (a, b):
+        x.pop("timing")
+    assert json.dumps(a) == json.dumps(b)
+    assert a["tasks"] == ["positive", "negative"] and set(a["steer_score"]) == {"diffmean",
+                                                                                "glp"}
+    rows = a["results"]["positive"]["diffmean"]
+    assert [r["r"] for r in rows] == [0.0, 2.0]
+    assert rows[1]["alpha"] == pytest.approx(6.0) and \
+        a["results"]["negative"]["glp"][1]["alpha"] == pytest.approx(-6.0)
+    # r = 0 diffmean is the unsteered generation: same concept and NLL, fluency01 = 1
+    u = a["unsteered"]["positive"]
+    assert rows[0]["concept"] == u["concept"] and rows[0]["fluency_nll"] == u["fluency_nll"]
+    assert rows[0]["fluency01"] == 1.0
+    for task in a["tasks"]:
+        for m, s in a["steer_score_by_task"][task].items():
+            rr = a["results"][task][m]
+            assert s == rr[1]["combined01"]  # only r = 2.0 is in [1.2, 2.0]
+            assert 0.0 <= s <= 1.0
+    assert a["results"]["negative"]["glp"][0]["classifier"]["mean"] == pytest.approx(0.25)
+    # generations: unsteered + 2 methods x 2 tasks x 2 r, 2 prompts each
+    assert len(a["generations"]) == 2 + 2 * 2 * 2 * 2
+    g = next(g for g in a["generations"] if g["method"] == "glp" and g["r"] == 2.0)
+    assert g["compound"] == vader_compound([g["text"]])[0]
+    assert a["methods"]["glp"]["sigma0"] == 0.5 and a["methods"]["diffmean"]["post"] is None
+
+
+def test_steer_run_writes_reports_with_the_val_store_norm(smollm2, tmp_path):
+    """A tiny GLP run (2 steps) on SmolLM2 layer-14-shaped stores; the user's texts from
+    files; act_norm from the val store's rows."""
+    from glp_jax.config import make_config
+    from glp_jax.data.store import ActivationStore, StoreMeta
+    from glp_jax.train import train
+
+    rng = np.random.default_rng(0)
+    for name, scale in (("train", 1.0), ("val", 2.0)):
+        s = ActivationStore.create(tmp_path / name, StoreMeta(
+            model=smollm2.model_id, layers=[LAYER], d=smollm2.d, corpus="fortune"))
+        x = (scale * rng.standard_normal((64, smollm2.d))).astype(np.float32)
+        s.append({LAYER: x}, np.zeros(64), np.arange(64))
+    run = tmp_path / "run"
+    train(make_config(dict(train_dataset=str(tmp_path / "train"),
+                           val_dataset=str(tmp_path / "val"), n_layers=1, d_model=32,
+                           d_mlp=64, batch_size=16, num_steps=2, use_bf16=False,
+                           data_mode="repeat", log_every_n_steps=2, save_every_n_steps=2,
+                           eval_rows=16, epoch_size=32, output_path=str(run),
+                           progress=False)))
+    norm, info = mean_activation_norm(run)
+    assert info["source"] == "val store" and info["rows"] == 64
+    stored = ActivationStore.open(str(tmp_path / "val")).read_range(0, 64)  # bf16 rounded
+    assert norm == pytest.approx(np.linalg.norm(stored.astype(np.float64), axis=1).mean())
+    (tmp_path / "pos.txt").write_text("\n".join(POS))
+    (tmp_path / "neg.txt").write_text("\n".join(NEG))
+    (tmp_path / "prompts.jsonl").write_text("\n".join(json.dumps({"text": p}) for p in PROMPTS))
+    out = tmp_path / "out"
+    r = steer_run(run, rs=(0.4, 1.2), n_prompts=2, max_new_tokens=3, seed=4,
+                  pos=tmp_path / "pos.txt", neg=tmp_path / "neg.txt",
+                  prompts=tmp_path / "prompts.jsonl", out_dir=out, lm=smollm2, progress=False)
+    assert r["prompts"] == PROMPTS[:2] and r["act_norm"]["value"] == pytest.approx(norm)
+    assert set(r["steer_score"]) == {"diffmean", "glp"} and r["step"] == 2
+    assert r["methods"]["glp"]["step"] == 2 and r["direction"]["n_pos"] == 3
+    saved = json.loads((out / "steer.json").read_text())
+    assert saved["steer_score"] == r["steer_score"] and saved["act_norm"]["source"] == "val store"
+    md = (out / "steer.md").read_text()
+    assert "| diffmean | 1.2 |" in md and "| glp | 0.4 |" in md
+    assert (out / "steer_pareto.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(GLPError, match="unknown steering method"):
+        steer_run(run, methods=("sae",), lm=smollm2, write=False)
+
+
+def test_default_rs_and_bad_arguments(smollm2, w):
+    assert DEFAULT_RS == (0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6, 1.8, 2.0)
+    with pytest.raises(GLPError, match="non-negative"):
+        evaluate_steering(smollm2, LAYER, w, 3.0, PROMPTS, {"diffmean": None}, rs=(-1.0,),
+                          progress=False)
+    with pytest.raises(GLPError, match="act_norm"):
+        evaluate_steering(smollm2, LAYER, w, 0.0, PROMPTS, {"diffmean": None}, progress=False)
