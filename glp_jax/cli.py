@@ -340,6 +340,19 @@ def cmd_eval_neuron(args) -> int:
     return 0
 
 
+def cmd_eval_utility(args) -> int:
+    from glp_jax.evals.utility import utility_over_checkpoints
+
+    res = utility_over_checkpoints(args.targets, probe=not args.no_probe, steer=args.steer,
+                                   which=args.which, sigma=args.sigma, seed=args.seed,
+                                   max_tasks=args.max_tasks, max_per_task=args.max_per_task,
+                                   progress=not args.quiet)
+    n = sum(len(v) for v in res.values())
+    print(f"{n} checkpoints of {len(res)} runs evaluated; columns added to each run's "
+          f"metrics.jsonl: run `glp fit` and `glp plot` on the sweep to fit and draw them")
+    return 0
+
+
 def _floats(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(x) for x in text.replace(",", " ").split())
@@ -532,6 +545,19 @@ def build_parser() -> argparse.ArgumentParser:
     ene.add_argument("--n-docs", type=int, default=1024)
     ene.add_argument("--top", type=int, default=20)
     ene.set_defaults(fn=cmd_eval_neuron)
+
+    eut = evsub.add_parser("utility", help="probing (and steering) at every checkpoint of a "
+                           "sweep, added to metrics.jsonl for `glp fit` (utility vs compute)")
+    eut.add_argument("targets", nargs="+", help="sweep folders or GLP runs")
+    eut.add_argument("--which", default="all", choices=["all", "last"], help="checkpoints")
+    eut.add_argument("--sigma", type=float, default=0.5, help="meta-neuron noise (paper: 0.5)")
+    eut.add_argument("--steer", action="store_true", help="also the steering score")
+    eut.add_argument("--no-probe", action="store_true")
+    eut.add_argument("--max-tasks", type=int, default=4)
+    eut.add_argument("--max-per-task", type=int, default=300)
+    eut.add_argument("--seed", type=int, default=0)
+    eut.add_argument("--quiet", action="store_true")
+    eut.set_defaults(fn=cmd_eval_utility)
 
     pc = sub.add_parser("pca", help="fit the PCA baseline on a store (float64, streamed)")
     pc.add_argument("store")

@@ -6,8 +6,10 @@
     3. fit L(C) = E + A C^-alpha on the compute-efficient frontier, with bootstrap intervals
     4. plots (PNG)
     5. baselines on the same store: a TopK SAE (trained like the GLPs) and PCA
-    6. Table 1 (Frechet distance per depth, lower bound, SAE, PCA) and Table 2 (delta LM
-       loss per method), at reduced sizes stated in the output
+    6. utility vs compute: 1-D probe AUC of every kept checkpoint, fitted like the loss
+    7. Table 1 (Frechet distance per depth, lower bound, SAE, PCA), Table 2 (delta LM loss
+       per method), Table 4 (1-D and dense probing) and steering (concept vs fluency), at
+       reduced sizes stated in the output
 Each step is skipped when its output is already complete, so a rerun is quick. Sizes can
 be changed with GLP_DEMO_* environment variables (see below).
 """
@@ -34,6 +36,10 @@ FD_STEPS = 50
 FD_STEPS_LIST = (1, 5, 20, 50)
 DLM_SEQS = int(os.environ.get("GLP_DEMO_DLM_SEQS", 64))
 DLM_LENGTH = 64
+PROBE_TASKS = int(os.environ.get("GLP_DEMO_PROBE_TASKS", 3))
+PROBE_ROWS, PROBE_MAX_LENGTH = 300, 128
+STEER_PROMPTS = int(os.environ.get("GLP_DEMO_STEER_PROMPTS", 8))
+STEER_RS = (0.4, 1.2, 2.0)
 # Resolved like any config= (config.find_config_file).
 SWEEP_CONFIG, SAE_CONFIG = "experiments/cpu/sweep.yaml", "experiments/cpu/sae.yaml"
 
@@ -85,9 +91,27 @@ def train_baselines(stores: dict[str, ActivationStore], root: Path = DEMO_ROOT) 
     return {"sae": sae_dir, "pca": pca_dir}
 
 
+def utility_vs_compute(sweep_dir: Path, tasks, inputs, lm) -> None:
+    """Probe AUC (sigma 0.5) at every kept checkpoint, into each run's metrics.jsonl."""
+    from glp_jax.evals.utility import PROBE_COLUMN, utility_over_checkpoints
+    from glp_jax.scaling import load_runs
+
+    if all(r.has_column(PROBE_COLUMN) for r in load_runs(sweep_dir)):
+        return
+    print(f"[demo] utility vs compute: 1-D probe AUC of every kept checkpoint on {len(tasks)} "
+          f"fortune tasks (meta-neurons at sigma 0.5)")
+    utility_over_checkpoints([sweep_dir], tasks=tasks, inputs=inputs, lm=lm, sigma=0.5)
+
+
 def run_demo() -> int:
+    from glp_jax.config import ExtractConfig
     from glp_jax.evals.delta_lm import delta_lm_markdown
+    from glp_jax.evals.probe import probe_markdown, probe_run
+    from glp_jax.evals.probe_data import fortune_tasks
+    from glp_jax.evals.steer import steer_markdown, steer_run
     from glp_jax.evals.tables import delta_lm_table, fd_table, fd_table_markdown
+    from glp_jax.evals.utility import task_inputs_once
+    from glp_jax.llm.loading import load_causal_lm
     from glp_jax.plots import plot_sweep
     from glp_jax.scaling import fit_sweep, load_runs, results_markdown, write_results
     from glp_jax.sweep import SweepPlan, run_local_sweep
@@ -110,6 +134,16 @@ def run_demo() -> int:
     timings["baselines"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    lm = load_causal_lm(ExtractConfig.model)
+    layer = stores["train"].layers[0]
+    tasks = fortune_tasks(max_tasks=PROBE_TASKS, max_per_task=PROBE_ROWS)
+    inputs = task_inputs_once(tasks, lm, layer, mlp=True, max_length=PROBE_MAX_LENGTH)
+    timings["probe inputs"] = time.perf_counter() - t
+    t = time.perf_counter()
+    utility_vs_compute(sweep_dir, tasks, inputs, lm)
+    timings["utility"] = time.perf_counter() - t
+
+    t = time.perf_counter()
     result = fit_sweep(sweep_dir, n_boot=300)
     write_results(sweep_dir, result)
     plots = plot_sweep(load_runs(sweep_dir), result, DEMO_ROOT / "plots")
@@ -129,24 +163,40 @@ def run_demo() -> int:
     t = time.perf_counter()
     print(f"[demo] Table 2: delta LM loss on {DLM_SEQS} held-out sequences of {DLM_LENGTH} "
           f"tokens (reduced from the paper's 2,048 x 128)")
-    table2 = delta_lm_table(targets, n_seqs=DLM_SEQS, length=DLM_LENGTH, out_dir=evals_dir)
+    table2 = delta_lm_table(targets, n_seqs=DLM_SEQS, length=DLM_LENGTH, out_dir=evals_dir,
+                            lm=lm)
     timings["delta-lm"] = time.perf_counter() - t
 
-    print("\n" + results_markdown(result))
-    print("\n" + fd_table_markdown(table1))
-    print("\n" + delta_lm_markdown(table2))
+    runs = load_runs(sweep_dir)
+    best = min(runs, key=lambda r: float(np.nanmin(r.column("val_loss"))))
+    t = time.perf_counter()
+    print(f"[demo] Table 4: 1-D and dense probing on {len(tasks)} fortune tasks of <= "
+          f"{PROBE_ROWS} texts (the paper: 113 SAE-Probes tasks), {best.name} vs raw, MLP "
+          f"neurons, SAE, PCA")
+    table4 = probe_run(best.path, baselines=[baselines["sae"], baselines["pca"]], tasks=tasks,
+                       sigma=0.1, lm=lm, layer=layer, inputs=inputs,
+                       max_length=PROBE_MAX_LENGTH, out_dir=evals_dir)
+    timings["probe"] = time.perf_counter() - t
+    t = time.perf_counter()
+    print(f"[demo] steering: {STEER_PROMPTS} neutral fortune prompts x r in {STEER_RS} x "
+          f"20 tokens (the paper: 100 prompts x r in 0.2..2.0), diffmean / GLP / SAE")
+    steer = steer_run(best.path, baselines=[baselines["sae"]], rs=STEER_RS,
+                      n_prompts=STEER_PROMPTS, n_direction=64, lm=lm, out_dir=evals_dir)
+    timings["steer"] = time.perf_counter() - t
+
+    for md in (results_markdown(result), fd_table_markdown(table1), delta_lm_markdown(table2),
+               probe_markdown(table4), steer_markdown(steer)):
+        print("\n" + md)
     print("\n## Demo summary\n")
     print("| step | result |")
     print("|---|---|")
     for split, s in stores.items():
         print(f"| {split} activations | {len(s):,} rows x d={s.d}, layer {s.layers[0]} ({s.url}) |")
-    runs = load_runs(sweep_dir)
-    best = min(runs, key=lambda r: float(np.nanmin(r.column("val_loss"))))
     vl = float(np.nanmin(best.column("val_loss")))
     print(f"| best model | {best.name} ({int(best.params):,} params), held-out loss {vl:.4f} |")
     print(f"| baselines | SAE {baselines['sae']}, PCA {baselines['pca']} |")
-    print(f"| tables | {evals_dir / 'table1.md'}, {evals_dir / 'table2.md'} |")
-    for p in plots:
+    print(f"| tables | {evals_dir}/table1.md, table2.md, probe.md, steer.md |")
+    for p in [*plots, evals_dir / "steer_pareto.png"]:
         print(f"| plot | {p} |")
     print("| time | " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
           + f", total {time.perf_counter() - t0:.0f} s |")

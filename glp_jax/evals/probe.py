@@ -237,11 +237,13 @@ def evaluate_probes(tasks, methods, *, lm=None, layer: int | None = None, k: int
                     dense: bool = True, dense_glp: str = "per-block", impl: str = "fast",
                     max_length: int = 512, batch_size: int = 32, n_boot: int = N_BOOT,
                     boot_seed: int = BOOT_SEED, cache_bytes: int | None = None,
-                    progress: bool = True, out_dir=None, info: dict | None = None) -> dict:
+                    progress: bool = True, out_dir=None, info: dict | None = None,
+                    inputs: dict | None = None) -> dict:
     """Probe every task with every FeatureMethod (glp_jax.evals.features). Texts go through
     `lm` at `layer` once per task (last-token residual and MLP neurons); tasks with cached
-    activations only feed methods that read the residual. Writes probe.json/.md to
-    `out_dir` when given."""
+    activations only feed methods that read the residual. `inputs`: {task name:
+    task_inputs(...)} computed earlier (the LLM pass, reused across checkpoints). Writes
+    probe.json/.md to `out_dir` when given."""
     from glp_jax.evals.features import CACHE_BYTES, TaskFeatures, task_inputs
 
     names = [m.name for m in methods]
@@ -260,14 +262,16 @@ def evaluate_probes(tasks, methods, *, lm=None, layer: int | None = None, k: int
     t_start = time.perf_counter()
     for task in progress_bar(tasks, "probe tasks", "task", enabled=progress):
         t0 = time.perf_counter()
-        inputs = task_inputs(task, lm, layer, mlp=need_mlp, max_length=max_length,
-                             batch_size=batch_size)
+        task_in = (inputs or {}).get(task.name)
+        if task_in is None or (need_mlp and "mlp" not in task_in):
+            task_in = task_inputs(task, lm, layer, mlp=need_mlp, max_length=max_length,
+                                  batch_size=batch_size)
         llm_s += time.perf_counter() - t0
         for m in methods:
-            if m.source not in inputs:
+            if m.source not in task_in:
                 skipped[m.name].append(task.name)
                 continue
-            feats = TaskFeatures(m, inputs, task, cache_bytes or CACHE_BYTES)
+            feats = TaskFeatures(m, task_in, task, cache_bytes or CACHE_BYTES)
             t0 = time.perf_counter()
             if feats.cache:  # features first, so the probe times below exclude them
                 feats.matrix("train")
@@ -427,7 +431,8 @@ def probe_run(run_dir, baselines=(), tasks=None, *, sigma: float = 0.1, seed: in
               progress: bool = True, dense: bool = True, dense_glp: str = "per-block",
               pca_k: int = 32, k: int = TOP_K, impl: str = "fast", layer: int | None = None,
               step="latest", lm=None, glp=None, device: str = "cpu", max_length: int = 512,
-              batch_size: int = 32, n_boot: int = N_BOOT, boot_seed: int = BOOT_SEED) -> dict:
+              batch_size: int = 32, n_boot: int = N_BOOT, boot_seed: int = BOOT_SEED,
+              inputs: dict | None = None) -> dict:
     """Table 4 for a trained run: raw, MLP neurons, the run's GLP meta-neurons (sigma) and
     each baseline (SAE run, PCA folder), on `tasks` (None: the built-in fortune suite; or
     .csv/.jsonl files, original-layout folders, ProbeTask objects). The LLM and layer come
@@ -453,7 +458,7 @@ def probe_run(run_dir, baselines=(), tasks=None, *, sigma: float = 0.1, seed: in
     result = evaluate_probes(task_list, methods, lm=lm, layer=layer, k=k, dense=dense,
                              dense_glp=dense_glp, impl=impl, max_length=max_length,
                              batch_size=batch_size, n_boot=n_boot, boot_seed=boot_seed,
-                             progress=progress, out_dir=out_dir,
+                             progress=progress, out_dir=out_dir, inputs=inputs,
                              info={"run": str(run_dir), "sigma": sigma, "seed": seed,
                                    "baselines": [str(b) for b in baselines]})
     return result

@@ -37,7 +37,6 @@ Protocol:
 from __future__ import annotations
 
 import math
-import sys
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -47,6 +46,7 @@ import numpy as np
 
 from glp_jax.errors import GLPError
 from glp_jax.llm.generate import LastPositionEdit, continuation_nll, greedy_generate
+from glp_jax.progress import progress_bar
 
 RESULT_NAME, PLOT_NAME = "steer", "steer_pareto.png"
 DEFAULT_RS = tuple(round(0.2 * i, 1) for i in range(1, 11))
@@ -179,15 +179,7 @@ def load_classifier(name: str) -> Callable[[list[str]], np.ndarray] | None:
 # -- the evaluation -------------------------------------------------------------------------
 
 def _progress(enabled: bool, total: int):
-    from tqdm.auto import tqdm
-
-    from glp_jax.evals.delta_lm import _LineWriter
-
-    stream = sys.stderr
-    tty = hasattr(stream, "isatty") and stream.isatty()
-    return tqdm(total=total, unit="tok", unit_scale=True, desc="steer", disable=not enabled,
-                dynamic_ncols=tty, mininterval=0.5 if tty else 15.0,
-                file=stream if tty else _LineWriter(stream), ascii=not tty)
+    return progress_bar(total, "steer", "tok", enabled=enabled, unit_scale=True)
 
 
 def _describe(rec) -> dict:

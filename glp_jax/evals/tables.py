@@ -154,7 +154,7 @@ def _key(d: dict, s: int):
 
 def delta_lm_table(paths, *, n_seqs: int, length: int, pca_k: int = 32, seed: int = 0,
                    sigma0: float = 0.5, steps: int = 20, convention: str = "code",
-                   batch_size: int = 8, out_dir=None, progress: bool = True) -> dict:
+                   batch_size: int = 8, out_dir=None, progress: bool = True, lm=None) -> dict:
     """One LLM pass per method on the same held-out sequences: zero and mean ablation,
     every baseline, every GLP run's projection."""
     from glp_jax.api import load
@@ -175,7 +175,7 @@ def delta_lm_table(paths, *, n_seqs: int, length: int, pca_k: int = 32, seed: in
                                             convention=convention, seed=seed)
     result = delta_lm_of_run(anchor, methods=("zero", "mean"), extra_methods=extra,
                              n_seqs=n_seqs, length=length, batch_size=batch_size,
-                             write=False, progress=progress, glp_seed=seed)
+                             write=False, progress=progress, glp_seed=seed, lm=lm)
     glp_names = [glp_label(r) for r in sorted(glps, key=_depth)]
     if glp_names:
         result["delta_vs_depth"] = depth_trend([_depth(r) for r in sorted(glps, key=_depth)],

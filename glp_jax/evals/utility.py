@@ -14,8 +14,6 @@ norm once per sweep, so the cost per checkpoint is the GLP's own.
 
 from __future__ import annotations
 
-import dataclasses
-
 from glp_jax.errors import GLPError
 from glp_jax.progress import progress_bar
 from glp_jax.rundir import RunDir
@@ -37,43 +35,45 @@ def checkpoint_steps(run_dir, which: str = "all") -> list[int]:
     return steps if which == "all" else steps[-1:]
 
 
-def cached_tasks(tasks, lm, layer: int, *, max_length: int = 512, batch_size: int = 32,
-                 progress: bool = True):
-    """The tasks with their last-token residuals computed once (texts dropped)."""
+def task_inputs_once(tasks, lm, layer: int, *, mlp: bool = True, max_length: int = 128,
+                     batch_size: int = 32, progress: bool = True) -> dict:
+    """{task name: last-token residual (and MLP) activations}: the LLM pass, done once and
+    handed to every probe evaluation (evaluate_probes(inputs=...))."""
     from glp_jax.evals.features import task_inputs
 
-    out = []
-    for task in progress_bar(tasks, "probe inputs", "task", enabled=progress):
-        acts = task_inputs(task, lm, layer, mlp=False, max_length=max_length,
-                           batch_size=batch_size)["resid"]
-        out.append(dataclasses.replace(task, acts=acts, texts=None))
-    return out
+    return {t.name: task_inputs(t, lm, layer, mlp=mlp, max_length=max_length,
+                                batch_size=batch_size)
+            for t in progress_bar(tasks, "probe inputs", "task", enabled=progress)}
 
 
 def utility_over_checkpoints(paths, *, probe: bool = True, steer: bool = False,
                              which: str = "all", sigma: float = 0.5, seed: int = 0,
+                             tasks=None, inputs: dict | None = None, lm=None,
                              max_tasks: int | None = 4, max_per_task: int | None = 300,
                              max_length: int = 128, steer_kwargs: dict | None = None,
                              progress: bool = True) -> dict:
     """Evaluate every checkpoint of every GLP run under `paths`; append the columns to each
-    run's metrics.jsonl. Returns {run: [{step, probe_auc_1d, steer_score}, ...]}."""
+    run's metrics.jsonl. `tasks`/`inputs`/`lm` reuse what a caller already has. Returns
+    {run: [{step, probe_auc_1d, steer_score}, ...]}."""
     from glp_jax.api import load
     from glp_jax.evals.features import glp_method
     from glp_jax.evals.probe import evaluate_probes, run_llm_and_layer
     from glp_jax.evals.probe_data import fortune_tasks
     from glp_jax.evals.tables import find_targets
-    from glp_jax.llm.loading import load_causal_lm
 
     glps, _ = find_targets(paths)
     if not glps:
         raise GLPError(f"no GLP runs under {paths}")
     name, layer = run_llm_and_layer(glps[0])
-    lm = load_causal_lm(name, dtype="float32")
-    tasks = None
+    if lm is None:
+        from glp_jax.llm.loading import load_causal_lm
+
+        lm = load_causal_lm(name, dtype="float32")
     if probe:
-        tasks = cached_tasks(fortune_tasks(max_tasks=max_tasks, max_per_task=max_per_task), lm,
-                             layer, max_length=max_length, progress=progress)
-    steerer = _steerer(glps[0], lm, layer, seed, steer_kwargs or {}) if steer else None
+        tasks = tasks or fortune_tasks(max_tasks=max_tasks, max_per_task=max_per_task)
+        inputs = inputs or task_inputs_once(tasks, lm, layer, mlp=False, max_length=max_length,
+                                            progress=progress)
+    scorer = steer_scorer(glps[0], lm, layer, seed=seed, **(steer_kwargs or {})) if steer else None
     results: dict[str, list[dict]] = {}
     for run in glps:
         if run_llm_and_layer(run) != (name, layer):
@@ -85,10 +85,10 @@ def utility_over_checkpoints(paths, *, probe: bool = True, steer: bool = False,
             row = {"step": int(step)}
             if probe:
                 res = evaluate_probes(tasks, [glp_method(glp, sigma=sigma, seed=seed)],
-                                      dense=False, progress=False)
+                                      dense=False, progress=False, inputs=inputs)
                 row[PROBE_COLUMN] = res["auc_1d"]["glp"]["mean"]
-            if steerer is not None:
-                row[STEER_COLUMN] = steerer(glp)
+            if scorer is not None:
+                row[STEER_COLUMN] = scorer(glp)
             rows.append(row)
             if progress:
                 print(f"[utility] {run.name} step {step}: "
@@ -99,8 +99,31 @@ def utility_over_checkpoints(paths, *, probe: bool = True, steer: bool = False,
     return results
 
 
-def _steerer(run, lm, layer: int, seed: int, kwargs: dict):
-    """glp -> steer_score with the sweep's fixed texts, direction and activation norm."""
-    from glp_jax.evals.steer import steer_score_of
+def steer_scorer(run, lm, layer: int, *, seed: int = 0, n_prompts: int = 8,
+                 rs=(1.2, 1.6, 2.0), max_new_tokens: int = 20, n_direction: int = 64,
+                 sigma0: float = 0.5, steps: int = 20, convention: str = "code",
+                 batch_size: int = 32):
+    """glp -> steer_score (glp method, positive task) with texts, DiffMean direction and
+    activation norm fixed once for the whole sweep."""
+    from glp_jax.evals.recon import GLPProjection
+    from glp_jax.evals.steer import (
+        diffmean_direction,
+        evaluate_steering,
+        fit_chunk,
+        mean_activation_norm,
+    )
+    from glp_jax.evals.steer_data import steer_texts
 
-    return steer_score_of(run, lm=lm, layer=layer, seed=seed, **kwargs)
+    texts = steer_texts(n_prompts=n_prompts, n_direction=n_direction, seed=seed)
+    w, _ = diffmean_direction(lm, layer, texts.pos, texts.neg)
+    act_norm, _ = mean_activation_norm(run, layer)
+
+    def score(glp) -> float:
+        rec = GLPProjection(glp, sigma0=sigma0, steps=steps, convention=convention, seed=seed)
+        fit_chunk(rec, batch_size)
+        res = evaluate_steering(lm, layer, w, act_norm, texts.prompts, {"glp": rec}, rs=rs,
+                                max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                seed=seed, progress=False)
+        return float(res["steer_score"]["glp"])
+
+    return score
