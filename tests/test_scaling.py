@@ -412,3 +412,11 @@ def test_write_results_writes_both_files_and_reads_back(tmp_path):
     assert not list(sweep_dir.glob("*.tmp")) and not list(sweep_dir.glob(".*.tmp"))
     with pytest.raises(GLPError, match="no scaling.json"):
         scaling.read_results(tmp_path)
+
+
+def test_format_number_handles_non_finite_interval_ends():
+    """A bootstrap interval can end at inf or nan; the report must still be written."""
+    from glp_jax.scaling.formatting import format_number
+
+    assert [format_number(v) for v in (float("inf"), float("nan"), 3.92e6, 0.169)] == \
+        ["inf", "nan", "3.92e6", "0.169"]

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 
 def format_number(value: float) -> str:
-    """Compact number: 0.52, 435.1, 0.169, 3.92e6."""
-    if value == 0 or 1e-3 <= abs(value) < 1e5:
+    """Compact number: 0.52, 435.1, 0.169, 3.92e6 (inf and nan as themselves)."""
+    if value == 0 or 1e-3 <= abs(value) < 1e5 or value != value or abs(value) == float("inf"):
         return f"{value:.4g}"
-    mantissa, exponent = f"{value:.3g}".split("e")
+    text = f"{value:.3g}"
+    if "e" not in text:  # .3g rounded into plain notation (e.g. 99999.5 -> 1e+05 is fine)
+        return text
+    mantissa, exponent = text.split("e")
     return f"{mantissa}e{int(exponent)}"
 
 
