@@ -144,7 +144,7 @@ def run_demo() -> int:
     timings["utility"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    result = fit_sweep(sweep_dir, n_boot=300)
+    result = fit_sweep(sweep_dir, n_boot=200)
     write_results(sweep_dir, result)
     plots = plot_sweep(load_runs(sweep_dir), result, DEMO_ROOT / "plots")
     timings["fit+plots"] = time.perf_counter() - t
