@@ -2,7 +2,8 @@
 
 On a terminal: a normal tqdm bar. When stderr is not a TTY (CI, SLURM, nohup): the same
 tqdm object (update, set_postfix, close work as usual), but each refresh is written as one
-plain line, at most every GLP_LOG_INTERVAL seconds (default 15), with no carriage returns.
+plain line, at most every GLP_LOG_INTERVAL seconds (default 15), with no carriage returns;
+postfix changes (loss, rates) show up in the next timed line rather than adding lines.
 """
 
 from __future__ import annotations
@@ -42,4 +43,17 @@ def progress_bar(total=None, desc: str = "", unit: str = "it", enabled: bool = T
                 mininterval=kwargs.pop("mininterval", 0.5) if tty else interval,
                 file=stream if tty else _LineWriter(stream), ascii=not tty)
     opts.update(kwargs)
-    return tqdm(**opts)
+    return tqdm(**opts) if tty else _log_bar_class(tqdm)(**opts)
+
+
+def _log_bar_class(tqdm):
+    """tqdm whose postfix updates wait for the next timed line instead of printing one."""
+
+    class LogBar(tqdm):
+        def set_postfix(self, ordered_dict=None, refresh=False, **kwargs):
+            super().set_postfix(ordered_dict, refresh=False, **kwargs)
+
+        def set_postfix_str(self, s="", refresh=False):
+            super().set_postfix_str(s, refresh=False)
+
+    return LogBar

@@ -32,3 +32,15 @@ def test_iterable_progress_yields_every_item(monkeypatch):
     out = io.StringIO()
     assert list(progress_bar(range(5), "it", stream=out)) == [0, 1, 2, 3, 4]
     assert out.getvalue().splitlines()[-1].startswith("it: 100%")
+
+
+def test_postfix_updates_do_not_add_lines_in_logs(monkeypatch):
+    monkeypatch.setenv("GLP_LOG_INTERVAL", "3600")
+    out = io.StringIO()
+    bar = progress_bar(total=1000, desc="train", unit="step", stream=out)
+    for i in range(10):
+        bar.update(1)
+        bar.set_postfix(loss=f"{i:.1f}")
+    assert len(out.getvalue().splitlines()) <= 1  # only the opening line
+    bar.close()
+    assert "loss=9.0" in out.getvalue().splitlines()[-1]
