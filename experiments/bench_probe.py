@@ -43,7 +43,7 @@ def main() -> None:
     layer = args.layer
     if args.run:
         from glp_jax.api import load
-        from glp_jax.evals.probe import run_llm_and_layer
+        from glp_jax.evals.run_llm import run_llm_and_layer
 
         _, layer = run_llm_and_layer(args.run)
         glp = load(args.run)

@@ -27,6 +27,7 @@ import numpy as np
 
 from glp_jax.errors import GLPError
 from glp_jax.evals.recon import Reconstructor
+from glp_jax.evals.run_llm import run_lm, store_of_run
 from glp_jax.llm.intervene import PositionReplacer, edit_layer_output
 from glp_jax.progress import progress_bar
 
@@ -126,31 +127,13 @@ def heldout_sequences(tokenizer, corpus, *, n: int = DEFAULT_N_SEQS,
         "corpus": name, "split": split, "seed": seed, "val_docs": val_docs, "requested": n})
 
 
-def _store_of_run(run_dir):
-    from glp_jax.data.store import ActivationStore
-    from glp_jax.rundir import RunDir
-
-    resolved = RunDir(run_dir).resolved()
-    url = resolved.get("train_dataset")
-    if not url:
-        raise GLPError(f"{run_dir}/run.json names no train_dataset: cannot tell which corpus "
-                       f"documents were held out; build sequences with heldout_sequences()")
-    try:
-        return resolved, ActivationStore.open(url)
-    except GLPError as e:
-        raise GLPError(f"cannot open the run's training store {url} ({e}); its metadata names "
-                       f"the corpus and the held-out split. Make it reachable, or build the "
-                       f"sequences with heldout_sequences(tokenizer, corpus, seed=, "
-                       f"val_docs=)") from e
-
-
 def sequences_of_run(run_dir, tokenizer, *, n: int = DEFAULT_N_SEQS,
                      length: int = DEFAULT_LENGTH) -> Sequences:
     """Held-out sequences of the corpus the run was trained on: the store's corpus, seed and
     val_docs give the same permutation and validation split as its extraction."""
     from glp_jax.data.corpus import open_corpus
 
-    _, store = _store_of_run(run_dir)
+    _, store = store_of_run(run_dir)
     meta = store.meta
     try:
         corpus = open_corpus(meta.corpus)
@@ -375,13 +358,6 @@ def build_methods(names: Sequence[str], *, glp=None, mean_D=None, layer: int | N
     return out
 
 
-def lm_name_of(model_id: str) -> str:
-    """What load_causal_lm takes for a store's recorded model id."""
-    from glp_jax.llm.loading import EMBEDDED_MODEL
-
-    return EMBEDDED_MODEL if model_id.startswith(f"{EMBEDDED_MODEL}:") else model_id
-
-
 def delta_lm_of_run(run_dir, *, methods: Sequence[str] = DEFAULT_METHODS,
                     n_seqs: int = DEFAULT_N_SEQS, length: int = DEFAULT_LENGTH,
                     batch_size: int = 8, step: int | str = "latest", layer: int | None = None,
@@ -393,22 +369,10 @@ def delta_lm_of_run(run_dir, *, methods: Sequence[str] = DEFAULT_METHODS,
     the run's LLM (fp32) unless `lm` is given; writes <run>/evals/delta_lm.{json,md}
     (or to `out_dir`) unless write=False."""
     from glp_jax.layers import layer_position
-    from glp_jax.llm.loading import load_causal_lm
     from glp_jax.rundir import EVALS_DIR, RunDir
 
-    resolved, store = _store_of_run(run_dir)
-    run_layers = [int(k) for k in resolved.get("layers") or store.meta.layers]
-    if layer is None:
-        if len(run_layers) != 1:
-            raise GLPError(f"the run was trained on layers {run_layers}: choose one with layer=")
-        layer = run_layers[0]
-    elif layer not in run_layers:
-        raise GLPError(f"layer {layer} is not among the run's layers {run_layers}")
-    if lm is None:
-        lm = load_causal_lm(lm_name_of(store.meta.model), dtype="float32", device=device)
-    elif lm.model_id != store.meta.model:
-        raise GLPError(f"the run was trained on {store.meta.model} activations but lm is "
-                       f"{lm.model_id}")
+    lm, layer, store = run_lm(run_dir, layer, lm, device)
+    run_layers = [int(k) for k in RunDir(run_dir).resolved().get("layers") or store.meta.layers]
     glp = None
     if "glp" in methods:
         from glp_jax.api import load

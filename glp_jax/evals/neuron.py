@@ -77,7 +77,7 @@ def top_activating(run_dir, block: int, unit: int, *, n_docs: int = 1024, top: i
     rank, activation, doc, position, token, snippet (the token in ⟦ ⟧). Writes
     neuron_b{B}_u{U}.{json,md} to `out_dir` when given."""
     from glp_jax.evals.delta_lm import Sequences, sequences_of_run
-    from glp_jax.evals.probe import run_llm_and_layer
+    from glp_jax.evals.run_llm import run_llm_and_layer
     from glp_jax.llm.extract import document_separator_id, tokenize_documents
 
     if lm is None or layer is None:

@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from glp_jax.errors import GLPError
+from glp_jax.evals.run_llm import run_llm_and_layer
 from glp_jax.progress import progress_bar
 
 CS = np.logspace(-5, 0, 10)
@@ -409,21 +410,6 @@ def _glp_label(run_dir, glp) -> str:
         except (KeyError, TypeError):
             pass
     return f"GLP d{glp.config.n_layers}"
-
-
-def run_llm_and_layer(run_dir, layer: int | None = None) -> tuple[str, int]:
-    """(LLM name for load_causal_lm, layer) from the run's training store."""
-    from glp_jax.evals.delta_lm import _store_of_run, lm_name_of
-
-    resolved, store = _store_of_run(run_dir)
-    run_layers = [int(x) for x in resolved.get("layers") or store.meta.layers]
-    if layer is None:
-        if len(run_layers) != 1:
-            raise GLPError(f"the run was trained on layers {run_layers}: choose one with layer=")
-        layer = run_layers[0]
-    elif layer not in run_layers:
-        raise GLPError(f"layer {layer} is not among the run's layers {run_layers}")
-    return lm_name_of(store.meta.model), layer
 
 
 def probe_run(run_dir, baselines=(), tasks=None, *, sigma: float = 0.1, seed: int = 0,

@@ -492,10 +492,10 @@ def steer_run(run_dir, baselines: Sequence = (), *, rs: Sequence[float] = DEFAUL
     `prompts` (lists or files, see steer_data), else the fortune default. Writes
     steer.json, steer.md and steer_pareto.png (+ steer_pareto_negative.png with
     negative=True) to `out_dir` (default <run>/evals) unless write=False."""
-    from glp_jax.evals.delta_lm import _store_of_run, build_methods, lm_name_of
+    from glp_jax.evals.delta_lm import build_methods
     from glp_jax.evals.recon import load_reconstructor
+    from glp_jax.evals.run_llm import run_lm
     from glp_jax.evals.steer_data import DEFAULT_N_DIRECTION, steer_texts
-    from glp_jax.llm.loading import load_causal_lm
     from glp_jax.rundir import EVALS_DIR, RunDir, write_results
 
     unknown = sorted(set(methods) - {"diffmean", "glp"})
@@ -504,19 +504,7 @@ def steer_run(run_dir, baselines: Sequence = (), *, rs: Sequence[float] = DEFAUL
                        f"(SAE/PCA: pass their folders as baselines)")
     if n_prompts < 1:
         raise GLPError(f"n_prompts must be >= 1, got {n_prompts}")
-    resolved, store = _store_of_run(run_dir)
-    run_layers = [int(k) for k in resolved.get("layers") or store.meta.layers]
-    if layer is None:
-        if len(run_layers) != 1:
-            raise GLPError(f"the run was trained on layers {run_layers}: choose one with layer=")
-        layer = run_layers[0]
-    elif layer not in run_layers:
-        raise GLPError(f"layer {layer} is not among the run's layers {run_layers}")
-    if lm is None:
-        lm = load_causal_lm(lm_name_of(store.meta.model), dtype="float32", device=device)
-    elif lm.model_id != store.meta.model:
-        raise GLPError(f"the run was trained on {store.meta.model} activations but lm is "
-                       f"{lm.model_id}")
+    lm, layer, _ = run_lm(run_dir, layer, lm, device)
     texts = steer_texts(pos, neg, prompts, n_prompts=n_prompts,
                         n_direction=n_direction or DEFAULT_N_DIRECTION, seed=seed)
     w, direction = diffmean_direction(lm, layer, texts.pos, texts.neg, progress=progress)

@@ -57,8 +57,9 @@ def utility_over_checkpoints(paths, *, probe: bool = True, steer: bool = False,
     {run: [{step, probe_auc_1d, steer_score}, ...]}."""
     from glp_jax.api import load
     from glp_jax.evals.features import glp_method
-    from glp_jax.evals.probe import evaluate_probes, run_llm_and_layer
+    from glp_jax.evals.probe import evaluate_probes
     from glp_jax.evals.probe_data import fortune_tasks
+    from glp_jax.evals.run_llm import run_llm_and_layer
     from glp_jax.evals.tables import find_targets
 
     glps, _ = find_targets(paths)

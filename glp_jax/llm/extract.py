@@ -122,16 +122,23 @@ class TruncatedForward:
         return self._captured
 
 
-def _decoder_layers(model):
-    for path in ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
-        obj = model
+def first_attr(obj, paths: tuple[str, ...], what: str):
+    """The first dotted attribute path of `obj` that exists (architectures name parts
+    differently: model.layers, transformer.h, ...)."""
+    for path in paths:
+        cur = obj
         try:
             for part in path.split("."):
-                obj = getattr(obj, part)
-            return obj
+                cur = getattr(cur, part)
+            return cur
         except AttributeError:
             continue
-    raise GLPError(f"cannot find the decoder layers of {type(model).__name__}")
+    raise GLPError(f"cannot find the {what} of {type(obj).__name__} (looked for {paths})")
+
+
+def _decoder_layers(model):
+    return first_attr(model, ("model.layers", "transformer.h", "gpt_neox.layers",
+                              "model.decoder.layers"), "decoder layers")
 
 
 def pack_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:

@@ -11,20 +11,13 @@ from __future__ import annotations
 import numpy as np
 
 from glp_jax.errors import GLPError
-from glp_jax.llm.extract import _decoder_layers, _StopForward, tokenize_documents
+from glp_jax.llm.extract import _decoder_layers, _StopForward, first_attr, tokenize_documents
 from glp_jax.progress import progress_bar
 
 
 def _mlp_down_proj(block):
-    for path in ("mlp.down_proj", "mlp.c_proj", "mlp.dense_4h_to_h", "mlp.fc2"):
-        obj = block
-        try:
-            for part in path.split("."):
-                obj = getattr(obj, part)
-            return obj
-        except AttributeError:
-            continue
-    raise GLPError(f"cannot find the MLP down projection of {type(block).__name__}")
+    return first_attr(block, ("mlp.down_proj", "mlp.c_proj", "mlp.dense_4h_to_h", "mlp.fc2"),
+                      "MLP down projection")
 
 
 def last_token_activations(lm, layer: int, texts: list[str], *, max_length: int = 2048,
