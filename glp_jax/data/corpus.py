@@ -146,7 +146,8 @@ def _text_file(path: Path) -> list[Document]:
     return [Document(p, path.stem) for p in paras if p]
 
 
-def _jsonl_file(path: Path) -> list[Document]:
+def jsonl_documents(path: Path) -> list[Document]:
+    """{"text": ..., "label": ...} per line (label optional: "")."""
     docs = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -187,7 +188,7 @@ def open_corpus(spec: str) -> Corpus | StreamingCorpus:
     if not path.exists():
         raise GLPError(f"corpus {spec!r} not found: give `fortune`, `hf:NAME[:CONFIG]`, or an "
                        f"existing .txt/.jsonl/.parquet file")
-    readers = {".txt": _text_file, ".jsonl": _jsonl_file, ".parquet": _parquet_file}
+    readers = {".txt": _text_file, ".jsonl": jsonl_documents, ".parquet": _parquet_file}
     if path.suffix not in readers:
         raise GLPError(f"unsupported corpus file type {path.suffix!r} for {spec}; use "
                        f".txt, .jsonl or .parquet")

@@ -38,7 +38,6 @@ All tensors are read with `torch.load(..., weights_only=True)`.
 from __future__ import annotations
 
 import csv
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -224,17 +223,12 @@ def load_task_file(path, *, seed: int = SPLIT_SEED) -> ProbeTask:
                 texts.append(row["text"] or "")
                 labels.append(row[lab])
     elif path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                    texts.append(str(obj["text"]))
-                    labels.append(obj["label"])
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise GLPError(f"{path}:{lineno}: expected {{\"text\": ..., \"label\": ...}} "
-                                   f"({e})") from e
+        from glp_jax.data.corpus import jsonl_documents
+
+        docs = jsonl_documents(path)
+        if any(d.label == "" for d in docs):
+            raise GLPError(f"{path}: every line needs a label: {{\"text\": ..., \"label\": ...}}")
+        texts, labels = [d.text for d in docs], [d.label for d in docs]
     else:
         raise GLPError(f"{path}: probing tasks are .csv or .jsonl files (or original-layout "
                        f"folders with X_train.pt)")
