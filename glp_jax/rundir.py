@@ -139,6 +139,21 @@ class RunDir:
                                   f"run folder written by `glp train`")
         return json.loads((self.path / RUN_FILE).read_text())
 
+    def store_url(self, key: str = "train_dataset") -> str | None:
+        """The run's `key` store (train_dataset / val_dataset; a list gives its first), found
+        from any working directory: a relative path is tried as given, then against each
+        folder above the run (training usually ran in one of them)."""
+        url = self.resolved().get(key)
+        if isinstance(url, list | tuple):
+            url = url[0] if url else None
+        if not url or "://" in str(url) or Path(str(url)).is_absolute() or Path(url).exists():
+            return None if not url else str(url)
+        if "://" not in str(self.path):
+            for folder in Path(str(self.path)).parents:
+                if (folder / url).exists():
+                    return str(folder / url)
+        return str(url)
+
     def write_start(self, config: dict, resolved: dict, normalizer, layers: list[int]) -> None:
         """The files of a new run: normaliser first, run.json last (it marks the start)."""
         self.path.mkdir(parents=True, exist_ok=True)

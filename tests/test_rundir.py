@@ -19,3 +19,19 @@ def test_added_metrics_merge_by_step_and_survive_a_torn_line(tmp_path):
                     {"step": 20, "loss": 1.5, "probe_auc_1d": 0.8}]
     with pytest.raises(GLPError, match="step"):
         run.add_metrics([{"probe_auc_1d": 0.5}])
+
+
+def test_relative_store_paths_resolve_from_any_working_directory(tmp_path, monkeypatch):
+    """A run trained in PROJECT with train_dataset=runs/acts is found from elsewhere."""
+    project = tmp_path / "project"
+    (project / "runs" / "acts").mkdir(parents=True)
+    run = RunDir(project / "runs" / "sweep" / "d1")
+    run.path.mkdir(parents=True)
+    (run.path / "run.json").write_text(json.dumps({"train_dataset": "runs/acts",
+                                                   "val_dataset": ["gs://b/val", "x"]}))
+    monkeypatch.chdir(tmp_path)
+    assert run.store_url("train_dataset") == str(project / "runs" / "acts")
+    assert run.store_url("val_dataset") == "gs://b/val"
+    assert run.store_url("nothing") is None
+    monkeypatch.chdir(project)  # where training ran: as given
+    assert run.store_url("train_dataset") == "runs/acts"

@@ -41,8 +41,7 @@ def stores_of_run(run_dir) -> tuple[ActivationStore, ActivationStore]:
         raise ConfigError(f"{run_dir} has no run.json (an original-format checkpoint folder?): "
                           f"it names no activation stores. Pass the stores explicitly: "
                           f"evaluate_fd(glp, train_store=..., val_store=...)")
-    resolved = run.resolved()
-    train, val = resolved.get("train_dataset"), resolved.get("val_dataset")
+    train, val = run.store_url("train_dataset"), run.store_url("val_dataset")
     if not val:
         raise ConfigError(f"run {run_dir} was trained without val_dataset, so there is no "
                           f"held-out store to measure FD against. Extract one (`glp extract "
@@ -50,9 +49,7 @@ def stores_of_run(run_dir) -> tuple[ActivationStore, ActivationStore]:
                           f"or set val_dataset=PATH when training")
     if not train:
         raise ConfigError(f"run {run_dir}: run.json has no train_dataset; pass train_store=")
-    if isinstance(train, list | tuple):
-        train = train[0]
-    return ActivationStore.open(str(train)), ActivationStore.open(str(val))
+    return ActivationStore.open(train), ActivationStore.open(val)
 
 
 def _open(store) -> ActivationStore:

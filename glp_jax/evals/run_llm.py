@@ -15,8 +15,8 @@ def store_of_run(run_dir):
     from glp_jax.data.store import ActivationStore
     from glp_jax.rundir import RunDir
 
-    resolved = RunDir(run_dir).resolved()
-    url = resolved.get("train_dataset")
+    run = RunDir(run_dir)
+    resolved, url = run.resolved(), run.store_url("train_dataset")
     if not url:
         raise GLPError(f"{run_dir}/run.json names no train_dataset: cannot tell which LLM, "
                        f"layer and corpus it was trained on")
@@ -25,7 +25,7 @@ def store_of_run(run_dir):
     except GLPError as e:
         raise GLPError(f"cannot open the run's training store {url} ({e}); its metadata names "
                        f"the LLM, the layer, the corpus and the held-out split. Make it "
-                       f"reachable (relative paths are relative to where training ran), or "
+                       f"reachable (a relative path is looked up from the working directory and every folder above the run), or "
                        f"pass the LLM and sequences/tasks explicitly") from e
 
 

@@ -83,11 +83,9 @@ def mean_activation_norm(run_dir, layer: int | None = None, *,
     from glp_jax.data.store import ActivationStore
     from glp_jax.rundir import RunDir
 
-    resolved = RunDir(run_dir).resolved()
+    run = RunDir(run_dir)
     for key in ("val_dataset", "train_dataset"):
-        url = resolved.get(key)
-        if isinstance(url, list | tuple):
-            url = url[0] if url else None
+        url = run.store_url(key)
         if not url:
             continue
         try:
