@@ -270,7 +270,8 @@ def cmd_eval_fd(args) -> int:
     out = _eval_out(args)
     res = fd_table(args.targets, n=args.n, steps=args.steps, steps_list=_ints(args.steps_list),
                    seed=args.seed, pca_k=args.pca_k, batch_size=args.batch_size, out_dir=out,
-                   progress=not args.quiet, reference=args.reference)
+                   progress=not args.quiet, reference=args.reference,
+                   train_store=args.train_store, val_store=args.val_store)
     best = min(res["rows"], key=lambda x: x["fd"]) if res["rows"] else None
     print(f"FD lower bound {res['fd_lower_bound']:.4g}"
           + (f"; best {best['method']}: {best['fd']:.4g}" if best else "")
@@ -297,7 +298,8 @@ def cmd_eval_recon(args) -> int:
     out = _eval_out(args)
     res = recon_table(args.targets, n=args.n, pca_k=args.pca_k, seed=args.seed,
                       sigma0=args.sigma0, steps=args.proj_steps, convention=args.convention,
-                      out_dir=out, reference=args.reference)
+                      out_dir=out, reference=args.reference, train_store=args.train_store,
+                      val_store=args.val_store)
     print(", ".join(f"{k}: explained variance {m['explained_variance']:.4f}"
                     for k, m in res["methods"].items()) + f" -> {out / 'recon.md'}")
     return 0
@@ -488,6 +490,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "SAE's k, the same number of active dimensions)")
         q.add_argument("--quiet", action="store_true")
     for q in (efd, erc):
+        q.add_argument("--train-store", default=None, help="with --val-store: the stores to "
+                       "compare against (default: the first run's; needed for original-format "
+                       "GLP folders, which name none)")
+        q.add_argument("--val-store", default=None)
         q.add_argument("--reference", default="per-doc", choices=["per-doc", "random"],
                        help="held-out rows: one token per document (the paper's) or random "
                        "rows (stores that cover few documents)")

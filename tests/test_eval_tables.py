@@ -115,3 +115,20 @@ def test_random_reference_is_seeded_and_labelled(root):
     assert len(set(val.doc_ids(idx).tolist())) < 120
     with pytest.raises(Exception, match="reference must be one of"):
         reference_rows(val, 10, reference="sometimes")
+
+
+def test_explicit_stores_for_targets_without_a_run(root, tmp_path):
+    """A PCA folder alone names no stores: --train-store/--val-store supply them."""
+    out = tmp_path / "t"
+    args = ["eval", "fd", str(root / "pca"), "--n", "60", "--pca-k", "3", "--out", str(out),
+            "--quiet"]
+    assert main(args) == 2  # no run among the targets, no stores given: a clear error
+    assert main([*args, "--train-store", str(root / "train"), "--val-store",
+                 str(root / "val")]) == 0
+    got = json.loads((out / "table1.json").read_text())["rows"][0]["fd"]
+    val, train_ = ActivationStore.open(str(root / "val")), ActivationStore.open(str(root / "train"))
+    want = evaluate_fd(PCAReconstruction(PCA.load(root / "pca"), 3), val_store=val,
+                       train_store=train_, n=60, progress=False)["fd"]
+    assert got == pytest.approx(want, rel=1e-12)
+    assert main(["eval", "recon", str(root / "pca"), "--n", "60", "--pca-k", "3", "--out",
+                 str(out), "--val-store", str(root / "val"), "--quiet"]) == 0

@@ -64,14 +64,19 @@ def _depth(run_dir: Path) -> int:
     return int(RunDir(run_dir).resolved()["glp"]["n_layers"])
 
 
-def _stores(glps, baselines):
-    from glp_jax.evals.fd import stores_of_run
+def _stores(glps, baselines, train_store=None, val_store=None):
+    """(train, val) stores: given explicitly (original-format folders name none), else the
+    first run's."""
+    from glp_jax.evals.fd import _open, stores_of_run
 
+    if train_store is not None and val_store is not None:
+        return _open(train_store), _open(val_store)
     for r in [*glps, *baselines]:
         if (r / RUN_FILE).is_file():
             return stores_of_run(r)
     raise GLPError("no training run among the targets: pass at least one GLP or SAE run, "
-                   "whose run.json names the train and val stores")
+                   "whose run.json names the train and val stores, or give both stores "
+                   "(--train-store, --val-store)")
 
 
 def depth_trend(depths: list[int], values: list[float]) -> dict:
@@ -88,13 +93,13 @@ def depth_trend(depths: list[int], values: list[float]) -> dict:
 
 def fd_table(paths, *, n: int, steps: int, steps_list, seed: int = 0, pca_k: int = 32,
              out_dir=None, progress: bool = True, batch_size: int = 4096,
-             reference: str = "per-doc") -> dict:
+             reference: str = "per-doc", train_store=None, val_store=None) -> dict:
     from glp_jax.api import load
     from glp_jax.evals.fd import evaluate_fd
     from glp_jax.evals.recon import load_reconstructor
 
     glps, baselines = find_targets(paths)
-    train_store, val_store = _stores(glps, baselines)
+    train_store, val_store = _stores(glps, baselines, train_store, val_store)
     common = dict(val_store=val_store, train_store=train_store, n=n, seed=seed,
                   progress=progress, batch_size=batch_size, reference=reference)
     rows, lower = [], None
@@ -188,7 +193,7 @@ def delta_lm_table(paths, *, n_seqs: int, length: int, pca_k: int = 32, seed: in
 
 def recon_table(paths, *, n: int, pca_k: int = 32, seed: int = 0, sigma0: float = 0.5,
                 steps: int = 20, convention: str = "code", out_dir=None,
-                reference: str = "per-doc") -> dict:
+                reference: str = "per-doc", train_store=None, val_store=None) -> dict:
     """Reconstruction metrics of every baseline and GLP projection on the same held-out
     rows (the val reference set of `glp eval fd`)."""
     from glp_jax.api import load
@@ -197,7 +202,12 @@ def recon_table(paths, *, n: int, pca_k: int = 32, seed: int = 0, sigma0: float 
     from glp_jax.evals.recon_metrics import evaluate_recon, recon_markdown
 
     glps, baselines = find_targets(paths)
-    _, val_store = _stores(glps, baselines)
+    if val_store is None:
+        _, val_store = _stores(glps, baselines, train_store, val_store)
+    else:
+        from glp_jax.evals.fd import _open
+
+        val_store = _open(val_store)
     idx, info = reference_rows(val_store, n, seed=seed, reference=reference)
     rows = val_store.read_rows(idx)
     methods = {}
