@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from glp_jax.errors import GLPError
-from glp_jax.evals.recon import Reconstructor
+from glp_jax.evals.recon import Reconstructor, describe_method
 from glp_jax.evals.run_llm import run_lm, store_of_run
 from glp_jax.llm.intervene import PositionReplacer, edit_layer_output
 from glp_jax.progress import progress_bar
@@ -259,7 +259,7 @@ def evaluate_delta_lm(lm, layer: int, methods: Mapping[str, Reconstructor],
         "base_loss_token_weighted": base_tw,
         "delta_token_weighted": {m: a.token_mean() - base_tw for m, a in arms.items()},
         "loss_token_weighted": {m: a.token_mean() for m, a in arms.items()},
-        "methods": {m: _describe(r) for m, r in methods.items()},
+        "methods": {m: describe_method(r) for m, r in methods.items()},
         "sequences": dict(sequences.source),
         "batch_size": batch_size,
         "seed": seed,
@@ -276,11 +276,6 @@ def evaluate_delta_lm(lm, layer: int, methods: Mapping[str, Reconstructor],
         write_results(Path(out_dir) if isinstance(out_dir, str) else out_dir, RESULT_NAME,
                       result, delta_lm_markdown(result))
     return result
-
-
-def _describe(rec) -> dict:
-    describe = getattr(rec, "describe", None)
-    return describe() if callable(describe) else {"method": getattr(rec, "name", repr(rec))}
 
 
 # -- reports --------------------------------------------------------------------------------

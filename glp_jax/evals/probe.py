@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from glp_jax.errors import GLPError
+from glp_jax.evals import stats
 from glp_jax.evals.run_llm import run_llm_and_layer
 from glp_jax.progress import progress_bar
 
@@ -210,18 +211,11 @@ def dense_probe_features(feats, y_train, y_test, *, dense_glp: str = "per-block"
 
 def bootstrap_ci(values, *, n_resamples: int = N_BOOT, seed: int = BOOT_SEED,
                  confidence: float = 0.95) -> tuple[float | None, float | None]:
-    """Percentile bootstrap CI of the mean (scipy.stats.bootstrap, rng=default_rng(seed));
-    (None, None) with fewer than two values, (v, v) when all values are equal."""
-    from scipy.stats import bootstrap
-
-    v = np.asarray(values, np.float64)
-    if len(v) < 2:
+    """Percentile bootstrap CI of the mean over tasks (evals.stats.bootstrap_ci); (None,
+    None) with fewer than two tasks, where no interval means anything."""
+    if len(values) < 2:
         return None, None
-    if np.all(v == v[0]):
-        return float(v[0]), float(v[0])
-    res = bootstrap((v,), np.mean, n_resamples=n_resamples, confidence_level=confidence,
-                    method="percentile", rng=np.random.default_rng(seed))
-    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+    return stats.bootstrap_ci(values, seed=seed, confidence=confidence, n_resamples=n_resamples)
 
 
 def summarize(per_task: dict[str, float], *, n_resamples: int = N_BOOT,

@@ -24,6 +24,12 @@ class Reconstructor(Protocol):
     def describe(self) -> dict: ...
 
 
+def describe_method(rec) -> dict:
+    """A reconstructor's describe(), or its name for plain callables."""
+    describe = getattr(rec, "describe", None)
+    return describe() if callable(describe) else {"method": getattr(rec, "name", repr(rec))}
+
+
 @dataclass
 class Identity:
     """acts -> acts: the control whose delta LM loss must be exactly 0."""

@@ -45,6 +45,8 @@ from pathlib import Path
 import numpy as np
 
 from glp_jax.errors import GLPError
+from glp_jax.evals import stats
+from glp_jax.evals.recon import describe_method
 from glp_jax.llm.generate import LastPositionEdit, continuation_nll, greedy_generate
 from glp_jax.progress import progress_bar
 
@@ -116,18 +118,8 @@ def concept_scores(texts: Sequence[str], task: str = "positive") -> np.ndarray:
 
 def bootstrap_ci(values, *, seed: int = 0, confidence: float = 0.95,
                  n_resamples: int = N_RESAMPLES) -> tuple[float, float]:
-    """Percentile bootstrap CI of the mean (scipy.stats.bootstrap, rng seeded). One value or a
-    constant sample gives (value, value)."""
-    from scipy.stats import bootstrap
-
-    x = np.asarray(values, np.float64)
-    if x.size == 0:
-        return math.nan, math.nan
-    if x.size == 1 or np.all(x == x[0]):
-        return float(x[0]), float(x[0])
-    res = bootstrap((x,), np.mean, confidence_level=confidence, n_resamples=n_resamples,
-                    method="percentile", vectorized=True, rng=np.random.default_rng(seed))
-    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+    """Percentile bootstrap CI of the mean over prompts (evals.stats.bootstrap_ci)."""
+    return stats.bootstrap_ci(values, seed=seed, confidence=confidence, n_resamples=n_resamples)
 
 
 def _stat(values, seed: int) -> dict:
@@ -181,10 +173,7 @@ def _progress(enabled: bool, total: int):
 
 
 def _describe(rec) -> dict:
-    if rec is None:
-        return {"method": "diffmean", "post": None}
-    describe = getattr(rec, "describe", None)
-    return describe() if callable(describe) else {"method": getattr(rec, "name", repr(rec))}
+    return {"method": "diffmean", "post": None} if rec is None else describe_method(rec)
 
 
 def evaluate_steering(lm, layer: int, direction_D, act_norm: float, prompts: Sequence[str],
