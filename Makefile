@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test test-slow demo lint bench clean
+.PHONY: install test test-slow demo reproduce lint bench clean
 
 install: $(STAMP)
 
@@ -28,6 +28,10 @@ test-slow: install
 
 demo: install
 	$(BIN)/python -m glp_jax demo
+
+# The paper's six findings at CPU scale (<= 2 h on 2 cores); resumable. Writes reports/REPORT.md.
+reproduce: install
+	$(BIN)/python -m glp_jax reproduce $(PLAN)
 
 lint: install
 	$(BIN)/ruff check glp_jax tests experiments

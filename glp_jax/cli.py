@@ -260,6 +260,21 @@ def cmd_demo(args) -> int:
     return run_demo()
 
 
+def cmd_reproduce(args) -> int:
+    from glp_jax.reproduce.plan import load_plan
+
+    plan = load_plan(args.overrides)
+    if args.report_only:
+        from glp_jax.reproduce.report import write_report
+
+        print(write_report(Path(plan.root), Path(plan.report_dir), seed=plan.seed))
+        return 0
+    from glp_jax.reproduce.run import run_reproduce
+
+    print(run_reproduce(plan))
+    return 0
+
+
 def _eval_out(args) -> Path:
     return Path(args.out) if args.out else Path(args.targets[0]) / "evals"
 
@@ -575,6 +590,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     dm = sub.add_parser("demo", help="the end-to-end demo on the embedded model and corpus")
     dm.set_defaults(fn=cmd_demo)
+
+    rp = sub.add_parser("reproduce", help="the paper's six findings end to end (resumable), "
+                        "written to reports/REPORT.md")
+    rp.add_argument("overrides", nargs="*", help="config=PLAN.yaml (default experiments/"
+                    "reproduce/cpu.yaml) and key=value plan overrides (glp_jax/reproduce/plan.py)")
+    rp.add_argument("--report-only", action="store_true",
+                    help="only rewrite the report from the results already in the plan's root")
+    rp.set_defaults(fn=cmd_reproduce)
     return p
 
 

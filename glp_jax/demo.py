@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 
-from glp_jax.data.corpus import open_corpus
 from glp_jax.data.store import ActivationStore
 
 DEMO_ROOT = Path(os.environ.get("GLP_DEMO_ROOT", "runs/demo"))
@@ -46,49 +45,16 @@ SWEEP_CONFIG, SAE_CONFIG = "experiments/cpu/sweep.yaml", "experiments/cpu/sae.ya
 
 def extract_demo_data(root: Path = DEMO_ROOT) -> dict[str, ActivationStore]:
     """Train and validation stores of SmolLM2 layer 14 on the fortune corpus."""
-    from glp_jax.config import ExtractConfig
-    from glp_jax.llm.extract import Extractor, extract_to_store, extraction_meta
-    from glp_jax.llm.loading import load_causal_lm
+    from glp_jax.reproduce.steps import extract_stores
 
-    corpus = open_corpus(ExtractConfig.corpus)
-    stores, lm = {}, None
-    for split, rows in (("train", TRAIN_ROWS), ("val", VAL_ROWS)):
-        path = root / f"acts_{split}"
-        if (path / "glp_store.json").exists():
-            store = ActivationStore.open(path)
-            if len(store) >= rows or store.cursor.get("exhausted"):
-                stores[split] = store
-                continue
-        lm = lm or load_causal_lm(ExtractConfig.model)
-        cfg = ExtractConfig(split=split).for_model(lm.n_layers)
-        store = ActivationStore.open_or_create(path, extraction_meta(cfg, lm.model_id, lm.d,
-                                                                     corpus.name))
-        print(f"[demo] extracting {rows:,} {split} rows of layer {cfg.layers[0]} -> {store.url}")
-        extract_to_store(Extractor(lm, cfg), corpus, store, rows)
-        stores[split] = store
-    return stores
+    return extract_stores(root, {"train": TRAIN_ROWS, "val": VAL_ROWS})
 
 
 def train_baselines(stores: dict[str, ActivationStore], root: Path = DEMO_ROOT) -> dict[str, Path]:
     """The SAE (same pipeline, optimizer and checkpoints as the GLPs) and PCA baselines."""
-    from glp_jax.config import load_config
-    from glp_jax.pca import PCA_NPZ, fit_pca
-    from glp_jax.rundir import RunDir
-    from glp_jax.train import train
+    from glp_jax.reproduce import steps
 
-    sae_dir, pca_dir = root / "sae", root / "pca"
-    if not RunDir(sae_dir).finished():
-        cfg = load_config([f"config={SAE_CONFIG}", f"train_dataset={stores['train'].url}",
-                           f"val_dataset={stores['val'].url}", f"output_path={sae_dir}",
-                           "num_steps=null", f"num_activations={SAE_BUDGET}"])
-        width = cfg.sae_width or cfg.sae_expansion * stores["train"].d
-        print(f"[demo] SAE baseline: {width} latents, k={cfg.sae_k}, "
-              f"{cfg.total_steps} steps of {cfg.batch_size} -> {sae_dir}")
-        train(cfg)
-    if not (pca_dir / PCA_NPZ).is_file():
-        print(f"[demo] PCA baseline (float64, streamed) -> {pca_dir}")
-        fit_pca(stores["train"]).save(pca_dir)
-    return {"sae": sae_dir, "pca": pca_dir}
+    return steps.train_baselines(stores, root, sae_config=SAE_CONFIG, sae_activations=SAE_BUDGET)
 
 
 def utility_vs_compute(sweep_dir: Path, tasks, inputs, lm) -> None:

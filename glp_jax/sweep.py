@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from glp_jax.config import load_config
+from glp_jax.errors import GLPError
 from glp_jax.rundir import RunDir
 from glp_jax.train import train
 
@@ -20,6 +21,24 @@ class SweepPlan:
     depths: tuple[int, ...]
     budgets: tuple[int, ...]  # activations per run (one cosine schedule each)
     seeds: tuple[int, ...] = (0,)
+    # d_model per depth (d_mlp = mlp_ratio * d_model); None: the base config's widths. At
+    # small scale width, not depth, sets how fast a GLP learns per activation, so a size
+    # ladder that grows both spans capacity-limited to data-limited models.
+    widths: tuple[int, ...] | None = None
+    mlp_ratio: int = 2
+
+    def __post_init__(self):
+        if self.widths is not None and len(self.widths) != len(self.depths):
+            raise GLPError(f"widths {self.widths} must give one d_model per depth "
+                           f"{self.depths}")
+        if len(set(self.depths)) != len(self.depths):
+            raise GLPError(f"depths {self.depths} repeat; run names are d<depth>-a<budget>-s<seed>")
+
+    def width_overrides(self, depth: int) -> list[str]:
+        if self.widths is None:
+            return []
+        w = self.widths[self.depths.index(depth)]
+        return [f"d_model={w}", f"d_mlp={self.mlp_ratio * w}"]
 
     def runs(self):
         for depth in self.depths:
@@ -42,7 +61,8 @@ def run_local_sweep(overrides: list[str], plan: SweepPlan, root: str | Path,
         dirs.append(out)
         if RunDir(out).finished():
             continue
-        cfg = load_config([*overrides, f"n_layers={depth}", "num_steps=null",
+        cfg = load_config([*overrides, *plan.width_overrides(depth), f"n_layers={depth}",
+                           "num_steps=null",
                            f"num_activations={budget}", f"seed={seed}", f"output_path={out}",
                            f"progress={str(progress).lower()}"])
         if progress:

@@ -171,8 +171,11 @@ class _Arm:
         self.seconds = 0.0
         self.replacer = PositionReplacer(recon) if recon is not None else None
 
+    def doc_losses(self) -> np.ndarray:
+        return self.sums / self.counts
+
     def doc_mean(self) -> float:
-        return float(np.mean(self.sums / self.counts))
+        return float(np.mean(self.doc_losses()))
 
     def token_mean(self) -> float:
         return float(self.sums.sum() / self.counts.sum())
@@ -260,6 +263,9 @@ def evaluate_delta_lm(lm, layer: int, methods: Mapping[str, Reconstructor],
         "delta_token_weighted": {m: a.token_mean() - base_tw for m, a in arms.items()},
         "loss_token_weighted": {m: a.token_mean() for m, a in arms.items()},
         "methods": {m: describe_method(r) for m, r in methods.items()},
+        # per-document losses in sequence order: paired intervals between methods
+        "doc_loss": {"base": base.doc_losses().tolist(),
+                     **{m: a.doc_losses().tolist() for m, a in arms.items()}},
         "sequences": dict(sequences.source),
         "batch_size": batch_size,
         "seed": seed,

@@ -124,13 +124,16 @@ def reference_rows(store, n: int, seed: int = 0, stream: int = 0,
 def evaluate_fd(source, *, val_store, train_store, n: int = 50_000, steps: int = 1000,
                 steps_list=DEFAULT_STEPS_LIST, seed: int = 0, batch_size: int = 4096,
                 out_dir=None, progress: bool = True, layer: int | None = None, mesh=None,
-                check_sqrtm: bool = True, plot: bool = True, reference: str = "per-doc") -> dict:
+                check_sqrtm: bool = True, plot: bool = True, reference: str = "per-doc",
+                n_boot: int = 0) -> dict:
     """FD of `source` against the val reference set, with the train-vs-val lower bound.
 
     source: a `glp_jax.api.LoadedGLP` (n samples at every count of steps_list plus `steps`)
     or a Reconstructor (scored on its reconstruction of the train reference rows).
     val_store / train_store: ActivationStore or path. layer: the LLM layer (stores with
     several layers, multi-layer GLPs). out_dir: writes fd.json, fd.md and fd_pca.png.
+    n_boot > 0: also `fd_boot` (FD of that many bootstrap resamples of the generated and the
+    reference rows, frechet.fd_bootstrap; paired across methods by `seed`) and `fd_ci`.
     Returns a JSON-able dict (fd_by_steps keyed by int step count).
     """
     from glp_jax.api import LoadedGLP
@@ -171,6 +174,8 @@ def evaluate_fd(source, *, val_store, train_store, n: int = 50_000, steps: int =
                                             mesh=mesh, layer=layer, progress=progress)
             res: FDResult = frechet_gaussians(*gaussian_fit(gen), *val_fit, check=check_sqrtm)
             by_steps[s], sq_by[s], rates[s] = res.fd, res.to_dict(), stats
+            if n_boot and s == int(steps):
+                result.update(_bootstrap_fields(gen, val_ref, n_boot, seed))
             if plot and out_dir is not None:  # samples are iid: the first rows will do
                 panels[f"{s} step{'s' if s > 1 else ''}: FD {res.fd:.3g}"] = gen[:5000].copy()
             del gen
@@ -197,6 +202,8 @@ def evaluate_fd(source, *, val_store, train_store, n: int = 50_000, steps: int =
                               f"shape {recon.shape} for input {train_ref.shape}")
         res = frechet_gaussians(*gaussian_fit(recon), *val_fit, check=check_sqrtm)
         sqrtm["fd"] = res.to_dict()
+        if n_boot:
+            result.update(_bootstrap_fields(recon, val_ref, n_boot, seed))
         describe = source.describe() if hasattr(source, "describe") else {}
         result.update(fd=res.fd, fd_by_steps=None, steps=None, n_generated=int(len(recon)),
                       samples_per_s=len(recon) / max(dt, 1e-9),
@@ -223,6 +230,16 @@ def evaluate_fd(source, *, val_store, train_store, n: int = 50_000, steps: int =
                 real_label="real (val)", title=_title(result), seed=seed)}
         write_results(out_dir, "fd", result, fd_markdown(result))
     return result
+
+
+def _bootstrap_fields(x_NxD: np.ndarray, ref_NxD: np.ndarray, n_boot: int, seed: int) -> dict:
+    from glp_jax.evals.frechet import fd_bootstrap
+
+    boot = fd_bootstrap(x_NxD, ref_NxD, n_boot, seed=seed)
+    return {"fd_boot": boot.tolist(), "fd_ci": [float(np.percentile(boot, 2.5)),
+                                                float(np.percentile(boot, 97.5))],
+            "fd_boot_note": f"{n_boot} bootstrap resamples of generated and reference rows "
+                            f"(reference resamples shared across methods with seed {seed})"}
 
 
 def _title(result: dict) -> str:

@@ -78,10 +78,19 @@ def diffmean_direction(lm, layer: int, pos: Sequence[str], neg: Sequence[str], *
                                   "mean_last_token_norm": float(np.linalg.norm(a, axis=1).mean())}
 
 
-def mean_activation_norm(run_dir, layer: int | None = None, *,
-                         max_rows: int = NORM_ROWS) -> tuple[float, dict]:
+NORMS = ("mean", "centred")
+
+
+def mean_activation_norm(run_dir, layer: int | None = None, *, max_rows: int = NORM_ROWS,
+                         norm: str = "mean") -> tuple[float, dict]:
     """Mean L2 norm of up to `max_rows` rows (evenly spaced) of the run's val store, or of
-    its train store when run.json names no val store: (value, where it came from)."""
+    its train store when run.json names no val store: (value, where it came from).
+
+    norm="centred": the mean norm of the rows minus their mean, a scale that ignores the
+    constant offset some LLMs carry in a few outlier dimensions (SmolLM2's layer 14: the
+    mean norm is dominated by two of them), for comparison with the spec's "mean"."""
+    if norm not in NORMS:
+        raise GLPError(f"norm must be one of {NORMS}, got {norm!r}")
     from glp_jax.data.store import ActivationStore
     from glp_jax.rundir import RunDir
 
@@ -100,9 +109,13 @@ def mean_activation_norm(run_dir, layer: int | None = None, *,
         n = min(max_rows, len(store))
         idx = np.unique(np.linspace(0, len(store) - 1, n).round().astype(np.int64))
         rows = store.read_rows(idx, layer=layer if len(store.layers) > 1 else None)
-        value = float(np.linalg.norm(rows.astype(np.float64), axis=1).mean())
+        rows = rows.astype(np.float64)
+        if norm == "centred":
+            rows = rows - rows.mean(0)
+        value = float(np.linalg.norm(rows, axis=1).mean())
         return value, {"source": "val store" if key == "val_dataset" else "train store",
-                       "store": str(url), "rows": int(len(idx)), "of_rows": len(store)}
+                       "store": str(url), "rows": int(len(idx)), "of_rows": len(store),
+                       "norm": norm}
     raise GLPError(f"run {run_dir} names no readable val or train store to measure the mean "
                    f"activation norm on; pass act_norm= (e.g. 5.2087 for Llama-3.2-1B L7)")
 
@@ -470,7 +483,7 @@ def steer_run(run_dir, baselines: Sequence = (), *, rs: Sequence[float] = DEFAUL
               methods: Sequence[str] = ("diffmean", "glp"), n_direction: int | None = None,
               batch_size: int = 32, act_norm: float | None = None, layer: int | None = None,
               step: int | str = "latest", lm=None, device: str = "cpu", classifier=None,
-              write: bool = True) -> dict:
+              write: bool = True, norm: str = "mean", name: str = RESULT_NAME) -> dict:
     """Sentiment steering with a trained GLP run (methods `diffmean`, `glp`) and baselines
     (SAE runs / PCA folders: a reconstruction after the addition, named by their kind).
 
@@ -478,7 +491,8 @@ def steer_run(run_dir, baselines: Sequence = (), *, rs: Sequence[float] = DEFAUL
     activations whose mean norm scales r; `act_norm=` overrides it. Texts: `pos`/`neg`/
     `prompts` (lists or files, see steer_data), else the fortune default. Writes
     steer.json, steer.md and steer_pareto.png (+ steer_pareto_negative.png with
-    negative=True) to `out_dir` (default <run>/evals) unless write=False."""
+    negative=True) to `out_dir` (default <run>/evals) unless write=False; `name` replaces
+    "steer" in those file names. norm: how r is scaled (mean_activation_norm)."""
     from glp_jax.evals.delta_lm import build_methods
     from glp_jax.evals.recon import load_reconstructor
     from glp_jax.evals.run_llm import run_lm
@@ -496,7 +510,7 @@ def steer_run(run_dir, baselines: Sequence = (), *, rs: Sequence[float] = DEFAUL
                         n_direction=n_direction or DEFAULT_N_DIRECTION, seed=seed)
     w, direction = diffmean_direction(lm, layer, texts.pos, texts.neg, progress=progress)
     if act_norm is None:
-        act_norm, norm_info = mean_activation_norm(run_dir, layer)
+        act_norm, norm_info = mean_activation_norm(run_dir, layer, norm=norm)
     else:
         norm_info = {"source": "given (act_norm=)"}
     recons: dict[str, Callable | None] = {}
@@ -530,8 +544,8 @@ def steer_run(run_dir, baselines: Sequence = (), *, rs: Sequence[float] = DEFAUL
     if write:
         out = Path(out_dir) if out_dir is not None else RunDir(run_dir) / EVALS_DIR
         out = Path(out) if isinstance(out, str) else out
-        write_results(out, RESULT_NAME, result, steer_markdown(result))
-        plot_steer_pareto(result, out / PLOT_NAME, "positive")
+        write_results(out, name, result, steer_markdown(result))
+        plot_steer_pareto(result, out / PLOT_NAME.replace(RESULT_NAME, name), "positive")
         if negative:
-            plot_steer_pareto(result, out / "steer_pareto_negative.png", "negative")
+            plot_steer_pareto(result, out / f"{name}_pareto_negative.png", "negative")
     return result

@@ -93,7 +93,10 @@ def depth_trend(depths: list[int], values: list[float]) -> dict:
 
 def fd_table(paths, *, n: int, steps: int, steps_list, seed: int = 0, pca_k: int = 32,
              out_dir=None, progress: bool = True, batch_size: int = 4096,
-             reference: str = "per-doc", train_store=None, val_store=None) -> dict:
+             reference: str = "per-doc", train_store=None, val_store=None,
+             n_boot: int = 0) -> dict:
+    """n_boot > 0: every row also gets `fd_ci` and `fd_boot` (paired bootstrap resamples,
+    evaluate_fd), for intervals on FD differences between methods."""
     from glp_jax.api import load
     from glp_jax.evals.fd import evaluate_fd
     from glp_jax.evals.recon import load_reconstructor
@@ -101,20 +104,22 @@ def fd_table(paths, *, n: int, steps: int, steps_list, seed: int = 0, pca_k: int
     glps, baselines = find_targets(paths)
     train_store, val_store = _stores(glps, baselines, train_store, val_store)
     common = dict(val_store=val_store, train_store=train_store, n=n, seed=seed,
-                  progress=progress, batch_size=batch_size, reference=reference)
+                  progress=progress, batch_size=batch_size, reference=reference, n_boot=n_boot)
     rows, lower = [], None
     for b in baselines:
         method = load_reconstructor(b, pca_k=pca_k)
         res = evaluate_fd(method, **common, out_dir=b / EVALS_DIR, plot=False)
         lower = res["fd_lower_bound"]
-        rows.append({"method": baseline_label(method), "path": str(b), "fd": res["fd"]})
+        rows.append({"method": baseline_label(method), "path": str(b), "fd": res["fd"],
+                     **_boot_fields(res)})
     for r in sorted(glps, key=_depth):
         alone = out_dir is not None and len(glps) == 1
         own = Path(out_dir) if alone else RunDir(r) / EVALS_DIR
         res = evaluate_fd(load(r), **common, steps=steps, steps_list=steps_list, out_dir=own)
         lower = res["fd_lower_bound"]
         rows.append({"method": glp_label(r), "path": str(r), "depth": _depth(r), "fd": res["fd"],
-                     "fd_by_steps": res["fd_by_steps"], "samples_per_s": res["samples_per_s"]})
+                     "fd_by_steps": res["fd_by_steps"], "samples_per_s": res["samples_per_s"],
+                     **_boot_fields(res)})
         reference = res["reference"]
     if lower is None:
         raise GLPError("nothing to evaluate")
@@ -130,6 +135,10 @@ def fd_table(paths, *, n: int, steps: int, steps_list, seed: int = 0, pca_k: int
     return result
 
 
+def _boot_fields(res: dict) -> dict:
+    return {k: res[k] for k in ("fd_ci", "fd_boot") if k in res}
+
+
 def fd_table_markdown(result: dict) -> str:
     steps_cols = sorted({int(s) for x in result["rows"] for s in (x.get("fd_by_steps") or {})})
     head = "| method | FD |" + "".join(f" {s} steps |" for s in steps_cols)
@@ -141,7 +150,8 @@ def fd_table_markdown(result: dict) -> str:
         by = x.get("fd_by_steps") or {}
         cells = "".join(f" {by[k]:.4g} |" if (k := _key(by, s)) is not None else " |"
                         for s in steps_cols)
-        lines.append(f"| {x['method']} | {x['fd']:.4g} |{cells}")
+        ci = f" [{x['fd_ci'][0]:.4g}, {x['fd_ci'][1]:.4g}]" if x.get("fd_ci") else ""
+        lines.append(f"| {x['method']} | {x['fd']:.4g}{ci} |{cells}")
     trend = result.get("fd_vs_depth")
     if trend:
         rho = f", Spearman rho(depth, FD) = {trend['spearman_rho']:.2f}" if "spearman_rho" in trend else ""

@@ -103,7 +103,7 @@ def utility_over_checkpoints(paths, *, probe: bool = True, steer: bool = False,
 def steer_scorer(run, lm, layer: int, *, seed: int = 0, n_prompts: int = 8,
                  rs=(1.2, 1.6, 2.0), max_new_tokens: int = 20, n_direction: int = 64,
                  sigma0: float = 0.5, steps: int = 20, convention: str = "code",
-                 batch_size: int = 32):
+                 batch_size: int = 32, norm: str = "mean"):
     """glp -> steer_score (glp method, positive task) with texts, DiffMean direction and
     activation norm fixed once for the whole sweep."""
     from glp_jax.evals.recon import GLPProjection
@@ -117,7 +117,7 @@ def steer_scorer(run, lm, layer: int, *, seed: int = 0, n_prompts: int = 8,
 
     texts = steer_texts(n_prompts=n_prompts, n_direction=n_direction, seed=seed)
     w, _ = diffmean_direction(lm, layer, texts.pos, texts.neg)
-    act_norm, _ = mean_activation_norm(run, layer)
+    act_norm, _ = mean_activation_norm(run, layer, norm=norm)
 
     def score(glp) -> float:
         rec = GLPProjection(glp, sigma0=sigma0, steps=steps, convention=convention, seed=seed)

@@ -1,0 +1,103 @@
+"""What `glp reproduce` runs: one flat, typed plan (YAML + key=value, unknown keys rejected).
+
+The CPU plan (experiments/reproduce/cpu.yaml) is sized to finish within 2 hours on 2 CPU
+cores; a paper plan (experiments/reproduce/paper-llama1b.yaml) names the paper's model,
+layer, widths, depths and sizes for a GPU/TPU host. Every size the evaluations use is a
+key here, so the report can state exactly what was reduced from the paper and by how much.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from glp_jax.config import load_config
+from glp_jax.errors import ConfigError
+
+DEFAULT_PLAN = "experiments/reproduce/cpu.yaml"
+
+
+@dataclass
+class ReproducePlan:
+    # where everything goes (a rerun skips every finished part)
+    root: str = "runs/reproduce"
+    report_dir: str = "reports"
+    # extraction
+    model: str = "smollm2"
+    corpus: str = "fortune"
+    layer: int | None = None  # None = the middle layer
+    train_rows: int = 400_000
+    val_rows: int = 40_000
+    max_length: int = 2048
+    batch_tokens: int = 8192
+    device: str = "cpu"  # the LLM's torch device (extraction and the LLM-side evaluations)
+    # the depth sweep: one cosine run per depth, intermediate evaluations = the data axis
+    sweep_config: str = "experiments/reproduce/sweep.yaml"
+    depths: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 6])
+    widths: list[int] = field(default_factory=lambda: [128, 192, 256, 320, 384])  # d_model
+    # per depth; [] = the sweep config's widths for every depth
+    mlp_ratio: int = 2  # d_mlp = mlp_ratio * d_model where widths are given
+    activations: int = 2_000_000  # per run
+    n_boot: int = 1000  # bootstrap resamples of every fit
+    # baselines
+    sae_config: str = "experiments/cpu/sae.yaml"
+    sae_activations: int = 1_024_000
+    pca_k: int = 32
+    # Table 1 (FD)
+    fd_samples: int = 5000
+    fd_steps: int = 50
+    fd_steps_list: list[int] = field(default_factory=lambda: [1, 5, 20, 50])
+    fd_reference: str = "random"  # random | per-doc (the paper: one token per document)
+    fd_boot: int = 200
+    # Table 2 (delta LM loss)
+    dlm_seqs: int = 128
+    dlm_length: int = 64
+    # Table 4 (1-D and dense probing) and utility vs compute
+    probe_tasks: int = 8  # fortune category tasks (largest first), unless probe_task_files
+    probe_task_files: list[str] = field(default_factory=list)  # .csv/.jsonl/original folders
+    probe_rows: int = 300
+    probe_max_length: int = 128
+    probe_sigma: float = 0.1  # meta-neurons of Table 4
+    utility_sigma: float = 0.5  # meta-neurons of the utility-vs-compute fits (the paper's)
+    # steering
+    steer_prompts: int = 16
+    steer_rs: list[float] = field(default_factory=lambda: [0.2, 0.4, 0.8, 1.2, 1.6, 2.0])
+    steer_direction_texts: int = 64
+    utility_steer: bool = True  # steer_score at every checkpoint (finding 6)
+    utility_steer_prompts: int = 8
+    utility_steer_norm: str = "centred"  # mean (the spec) | centred (see evals/steer.py)
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.depths or min(self.depths) < 1:
+            raise ConfigError(f"depths must be positive integers, got {self.depths}")
+        if len(self.depths) < 2:
+            raise ConfigError("a reproduction needs at least two depths (findings 1 and 2 "
+                              "compare them)")
+        for name in ("train_rows", "val_rows", "activations", "sae_activations",
+                     "fd_samples", "dlm_seqs", "probe_tasks", "probe_rows", "steer_prompts"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.widths and len(self.widths) != len(self.depths):
+            raise ConfigError(f"widths {self.widths} must give one d_model per depth "
+                              f"{self.depths} (or be [] for the sweep config's widths)")
+        if len(set(self.depths)) != len(self.depths):
+            raise ConfigError(f"depths {self.depths} repeat")
+        if self.fd_reference not in ("random", "per-doc"):
+            raise ConfigError(f"fd_reference must be random or per-doc, got "
+                              f"{self.fd_reference!r}")
+        if self.utility_steer_norm not in ("mean", "centred"):
+            raise ConfigError(f"utility_steer_norm must be mean or centred, got "
+                              f"{self.utility_steer_norm!r}")
+        if self.fd_steps not in self.fd_steps_list:
+            self.fd_steps_list = sorted({*self.fd_steps_list, self.fd_steps})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def load_plan(items: list[str] | None = None) -> ReproducePlan:
+    """`config=FILE.yaml` (default: the CPU plan) plus key=value overrides."""
+    items = list(items or [])
+    if not any(i.startswith("config=") for i in items):
+        items.insert(0, f"config={DEFAULT_PLAN}")
+    return load_config(items, cls=ReproducePlan)
