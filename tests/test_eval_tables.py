@@ -132,3 +132,34 @@ def test_explicit_stores_for_targets_without_a_run(root, tmp_path):
     assert got == pytest.approx(want, rel=1e-12)
     assert main(["eval", "recon", str(root / "pca"), "--n", "60", "--pca-k", "3", "--out",
                  str(out), "--val-store", str(root / "val"), "--quiet"]) == 0
+
+
+def test_massive_rows_are_left_out_and_recorded():
+    from glp_jax.evals.fd import _drop_massive
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((500, D)).astype(np.float32)
+    x[17] *= 200.0  # one "massive activation"
+    kept, info = _drop_massive(x, {"rows": 500}, 10.0)
+    norms = np.linalg.norm(x.astype(np.float64), axis=1)
+    assert len(kept) == 499 and info["rows"] == 499
+    assert info["dropped_massive"]["rows"] == 1
+    assert info["dropped_massive"]["norms"] == pytest.approx([norms[17]])
+    assert info["dropped_massive"]["median_norm"] == pytest.approx(np.median(norms))
+    np.testing.assert_array_equal(kept, np.delete(x, 17, axis=0))
+
+
+def test_fd_table_without_massive_rows_keeps_ordinary_stores_unchanged(root):
+    out = root / "t1m"
+    common = dict(n=60, steps=4, steps_list=(4,), pca_k=3, progress=False)
+    from glp_jax.evals.tables import fd_table
+
+    plain = fd_table([root / "sweep", root / "pca"], **common)
+    robust = fd_table([root / "sweep", root / "pca"], **common, drop_massive=10.0,
+                      out_dir=out, name="table1_no_massive")
+    assert robust["fd_lower_bound"] == pytest.approx(plain["fd_lower_bound"], rel=1e-12)
+    assert [r["fd"] for r in robust["rows"]] == pytest.approx([r["fd"] for r in plain["rows"]])
+    assert robust["dropped_massive"]["val"]["rows"] == 0
+    assert (out / "table1_no_massive.json").is_file()
+    # the variant's per-run files go to their own folder, never over the protocol's
+    assert (root / "sweep" / "d1-a1280-s0" / "evals" / "table1_no_massive" / "fd.json").is_file()

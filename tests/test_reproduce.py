@@ -37,10 +37,10 @@ def tiny_plan(tmp, **over):
     items = {"root": tmp / "repro", "report_dir": tmp / "report", "train_rows": 3000,
              "val_rows": 800, "sweep_config": tmp / "sweep.yaml", "depths": "[1, 2]", "widths": "[16, 24]",
              "activations": 3200, "n_boot": 50, "sae_activations": 2048, "pca_k": 8,
-             "fd_samples": 600, "fd_steps": 5, "fd_steps_list": "[1, 5]", "fd_boot": 20,
+             "fd_samples": 600, "fd_steps": 5, "fd_steps_list": "[1, 5]", "fd_boot": 10,
              "dlm_seqs": 4, "dlm_length": 16, "probe_tasks": 2, "probe_rows": 240,
-             "probe_max_length": 32, "steer_prompts": 3, "steer_rs": "[0.4, 1.2, 2.0]",
-             "steer_direction_texts": 8, "utility_steer_prompts": 2, **over}
+             "probe_max_length": 32, "steer_prompts": 3, "steer_rs": "[0.4, 2.0]",
+             "steer_direction_texts": 8, "utility_steer_prompts": 1, **over}
     return [f"{k}={v}" for k, v in items.items()]
 
 
@@ -85,21 +85,20 @@ def test_report_has_six_findings_with_the_evaluations_numbers(repro):
     timings = _json(tmp / "repro" / "timings.json")
     assert {"extract", "sweep", "baselines", "utility", "fits", "table1 fd",
             "table2 delta-lm", "table4 probe", "steering (mean norm)",
-            "steering (centred norm)"} <= set(timings)
+            "steering (diffmean norm)"} <= set(timings)
 
 
 def test_steering_points_recomputed_from_generations_equal_the_evaluation(repro):
     tmp, _ = repro
-    for name in ("steer", "steer_centred"):
+    for name in ("steer", "steer_diffmean"):
         st = _json(tmp / "repro" / "evals" / f"{name}.json")
         for m, rows in st["results"]["positive"].items():
             c01, f01 = F.steering_points(st, m)
             assert c01 == pytest.approx([r["concept01"] for r in rows], abs=1e-12)
             assert f01 == pytest.approx([r["fluency01"] for r in rows], abs=1e-12)
-    mean, centred = (_json(tmp / "repro" / "evals" / f"{n}.json")["act_norm"]
-                     for n in ("steer", "steer_centred"))
-    assert mean["norm"] == "mean" and centred["norm"] == "centred"
-    assert centred["value"] < mean["value"]
+    mean, rel = (_json(tmp / "repro" / "evals" / f"{n}.json") for n in ("steer", "steer_diffmean"))
+    assert mean["act_norm"]["norm"] == "mean" and rel["act_norm"]["norm"] == "diffmean"
+    assert rel["act_norm"]["value"] == rel["direction"]["raw_norm"] < mean["act_norm"]["value"]
 
 
 def test_utility_columns_cover_every_checkpoint_and_feed_the_fits(repro):
@@ -116,8 +115,10 @@ def test_utility_columns_cover_every_checkpoint_and_feed_the_fits(repro):
 def test_rerun_skips_every_finished_part(repro):
     tmp, items = repro
     watched = [tmp / "repro" / "evals" / f"{n}.json" for n in
-               ("table1", "table2", "probe", "steer", "steer_centred")]
+               ("table1", "table1_no_massive", "table2", "probe", "steer",
+                "steer_diffmean")]
     watched += sorted((tmp / "repro" / "sweep").glob("*/metrics.jsonl"))
+    watched += [tmp / "repro" / "sweep" / "scaling.json"]
     before = {p: p.stat().st_mtime_ns for p in watched}
     timings = _json(tmp / "repro" / "timings.json")
     assert main(["reproduce", *items]) == 0

@@ -268,6 +268,11 @@ def test_steer_run_writes_reports_with_the_val_store_norm(smollm2, tmp_path):
     assert info["source"] == "val store" and info["rows"] == 64
     stored = ActivationStore.open(str(tmp_path / "val")).read_range(0, 64)  # bf16 rounded
     assert norm == pytest.approx(np.linalg.norm(stored.astype(np.float64), axis=1).mean())
+    centred, _ = mean_activation_norm(run, norm="centred")
+    x64 = stored.astype(np.float64)
+    assert centred == pytest.approx(np.linalg.norm(x64 - x64.mean(0), axis=1).mean())
+    with pytest.raises(GLPError, match="norm must be one of"):
+        mean_activation_norm(run, norm="median")
     (tmp_path / "pos.txt").write_text("\n".join(POS))
     (tmp_path / "neg.txt").write_text("\n".join(NEG))
     (tmp_path / "prompts.jsonl").write_text("\n".join(json.dumps({"text": p}) for p in PROMPTS))
@@ -285,6 +290,15 @@ def test_steer_run_writes_reports_with_the_val_store_norm(smollm2, tmp_path):
     assert (out / "steer_pareto.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(GLPError, match="unknown steering method"):
         steer_run(run, methods=("sae",), lm=smollm2, write=False)
+    # r x the raw DiffMean norm: the files take the variant's name
+    rel = steer_run(run, rs=(1.0,), n_prompts=1, max_new_tokens=2, seed=4,
+                    pos=tmp_path / "pos.txt", neg=tmp_path / "neg.txt",
+                    prompts=tmp_path / "prompts.jsonl", out_dir=out, lm=smollm2,
+                    progress=False, norm="diffmean", name="steer_rel", methods=("diffmean",))
+    assert rel["act_norm"]["value"] == rel["direction"]["raw_norm"]
+    assert rel["results"]["positive"]["diffmean"][0]["alpha"] == pytest.approx(
+        rel["direction"]["raw_norm"])
+    assert (out / "steer_rel.json").is_file() and (out / "steer_rel_pareto.png").is_file()
 
 
 def test_default_rs_and_bad_arguments(smollm2, w):

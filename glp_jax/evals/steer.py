@@ -79,6 +79,20 @@ def diffmean_direction(lm, layer: int, pos: Sequence[str], neg: Sequence[str], *
 
 
 NORMS = ("mean", "centred")
+# How r is scaled: mean / centred activation norm (mean_activation_norm), or "diffmean": the
+# norm of the raw DiffMean vector, so r = 1 adds exactly mean(pos) - mean(neg). On SmolLM2's
+# layer 14 the mean norm (155) is ~10x the DiffMean norm (~15): r x mean norm breaks every
+# continuation, while the DiffMean-relative scale spans weak to strong steering.
+SCALES = (*NORMS, "diffmean")
+
+
+def steering_scale(run_dir, layer: int, direction: dict, norm: str) -> tuple[float, dict]:
+    """(the activation norm r multiplies, where it came from) for one of SCALES."""
+    if norm == "diffmean":
+        return direction["raw_norm"], {"source": "DiffMean vector norm", "norm": "diffmean"}
+    if norm not in NORMS:
+        raise GLPError(f"norm must be one of {SCALES}, got {norm!r}")
+    return mean_activation_norm(run_dir, layer, norm=norm)
 
 
 def mean_activation_norm(run_dir, layer: int | None = None, *, max_rows: int = NORM_ROWS,
@@ -510,7 +524,7 @@ def steer_run(run_dir, baselines: Sequence = (), *, rs: Sequence[float] = DEFAUL
                         n_direction=n_direction or DEFAULT_N_DIRECTION, seed=seed)
     w, direction = diffmean_direction(lm, layer, texts.pos, texts.neg, progress=progress)
     if act_norm is None:
-        act_norm, norm_info = mean_activation_norm(run_dir, layer, norm=norm)
+        act_norm, norm_info = steering_scale(run_dir, layer, direction, norm)
     else:
         norm_info = {"source": "given (act_norm=)"}
     recons: dict[str, Callable | None] = {}

@@ -94,9 +94,10 @@ def depth_trend(depths: list[int], values: list[float]) -> dict:
 def fd_table(paths, *, n: int, steps: int, steps_list, seed: int = 0, pca_k: int = 32,
              out_dir=None, progress: bool = True, batch_size: int = 4096,
              reference: str = "per-doc", train_store=None, val_store=None,
-             n_boot: int = 0) -> dict:
+             n_boot: int = 0, drop_massive: float | None = None, name: str = "table1") -> dict:
     """n_boot > 0: every row also gets `fd_ci` and `fd_boot` (paired bootstrap resamples,
-    evaluate_fd), for intervals on FD differences between methods."""
+    evaluate_fd), for intervals on FD differences between methods. drop_massive: see
+    evaluate_fd; `name` names the files written to `out_dir`."""
     from glp_jax.api import load
     from glp_jax.evals.fd import evaluate_fd
     from glp_jax.evals.recon import load_reconstructor
@@ -104,17 +105,18 @@ def fd_table(paths, *, n: int, steps: int, steps_list, seed: int = 0, pca_k: int
     glps, baselines = find_targets(paths)
     train_store, val_store = _stores(glps, baselines, train_store, val_store)
     common = dict(val_store=val_store, train_store=train_store, n=n, seed=seed,
-                  progress=progress, batch_size=batch_size, reference=reference, n_boot=n_boot)
+                  progress=progress, batch_size=batch_size, reference=reference, n_boot=n_boot,
+                  drop_massive=drop_massive)
     rows, lower = [], None
     for b in baselines:
         method = load_reconstructor(b, pca_k=pca_k)
-        res = evaluate_fd(method, **common, out_dir=b / EVALS_DIR, plot=False)
+        res = evaluate_fd(method, **common, out_dir=_own(b, name), plot=False)
         lower = res["fd_lower_bound"]
         rows.append({"method": baseline_label(method), "path": str(b), "fd": res["fd"],
                      **_boot_fields(res)})
     for r in sorted(glps, key=_depth):
         alone = out_dir is not None and len(glps) == 1
-        own = Path(out_dir) if alone else RunDir(r) / EVALS_DIR
+        own = Path(out_dir) if alone else _own(r, name)
         res = evaluate_fd(load(r), **common, steps=steps, steps_list=steps_list, out_dir=own)
         lower = res["fd_lower_bound"]
         rows.append({"method": glp_label(r), "path": str(r), "depth": _depth(r), "fd": res["fd"],
@@ -130,9 +132,20 @@ def fd_table(paths, *, n: int, steps: int, steps_list, seed: int = 0, pca_k: int
                                          [x["fd"] for x in glp_rows]) if glp_rows else None}
     if glp_rows:
         result["reference"] = reference
+    result["drop_massive"] = drop_massive
+    if drop_massive is not None:
+        result["dropped_massive"] = {k: res["reference"][k].get("dropped_massive")
+                                     for k in ("val", "train")}
     if out_dir is not None:
-        write_results(Path(out_dir), "table1", result, fd_table_markdown(result))
+        write_results(Path(out_dir), name, result, fd_table_markdown(result))
     return result
+
+
+def _own(path: Path, name: str) -> Path:
+    """Where one target's own FD files go: <target>/evals, or <target>/evals/<name> for a
+    variant table, so the protocol's files are never overwritten."""
+    own = Path(path) / EVALS_DIR
+    return own if name == "table1" else own / name
 
 
 def _boot_fields(res: dict) -> dict:
@@ -152,6 +165,11 @@ def fd_table_markdown(result: dict) -> str:
                         for s in steps_cols)
         ci = f" [{x['fd_ci'][0]:.4g}, {x['fd_ci'][1]:.4g}]" if x.get("fd_ci") else ""
         lines.append(f"| {x['method']} | {x['fd']:.4g}{ci} |{cells}")
+    for k, d in (result.get("dropped_massive") or {}).items():
+        if d:
+            lines += ["", f"{k} reference: {d['rows']} row(s) with norm > {d['ratio']:g} x the "
+                      f"median ({d['median_norm']:.4g}) left out: norms "
+                      + ", ".join(f"{n:.4g}" for n in d["norms"])]
     trend = result.get("fd_vs_depth")
     if trend:
         rho = f", Spearman rho(depth, FD) = {trend['spearman_rho']:.2f}" if "spearman_rho" in trend else ""

@@ -111,13 +111,13 @@ def steer_scorer(run, lm, layer: int, *, seed: int = 0, n_prompts: int = 8,
         diffmean_direction,
         evaluate_steering,
         fit_chunk,
-        mean_activation_norm,
+        steering_scale,
     )
     from glp_jax.evals.steer_data import steer_texts
 
     texts = steer_texts(n_prompts=n_prompts, n_direction=n_direction, seed=seed)
-    w, _ = diffmean_direction(lm, layer, texts.pos, texts.neg)
-    act_norm, _ = mean_activation_norm(run, layer, norm=norm)
+    w, direction = diffmean_direction(lm, layer, texts.pos, texts.neg)
+    act_norm, _ = steering_scale(run, layer, direction, norm)
 
     def score(glp) -> float:
         rec = GLPProjection(glp, sigma0=sigma0, steps=steps, convention=convention, seed=seed)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,6 +107,10 @@ def load_causal_lm(name: str = EMBEDDED_MODEL, dtype: str = "float32",
 
     path, model_id = resolve_model(name)
     cfg = load_config(name)
+    if not sys.stderr.isatty():  # its carriage-return bar would garble CI and SLURM logs
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     model.to(device).eval()

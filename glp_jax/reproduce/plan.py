@@ -48,6 +48,9 @@ class ReproducePlan:
     fd_steps_list: list[int] = field(default_factory=lambda: [1, 5, 20, 50])
     fd_reference: str = "random"  # random | per-doc (the paper: one token per document)
     fd_boot: int = 200
+    # Table 1 again without reference rows > this x the median norm (massive activations);
+    # null: only the paper's protocol
+    fd_drop_massive: float | None = 10.0
     # Table 2 (delta LM loss)
     dlm_seqs: int = 128
     dlm_length: int = 64
@@ -64,7 +67,7 @@ class ReproducePlan:
     steer_direction_texts: int = 64
     utility_steer: bool = True  # steer_score at every checkpoint (finding 6)
     utility_steer_prompts: int = 8
-    utility_steer_norm: str = "centred"  # mean (the spec) | centred (see evals/steer.py)
+    utility_steer_norm: str = "diffmean"  # mean (the spec) | centred | diffmean (evals/steer.py)
     seed: int = 0
 
     def __post_init__(self):
@@ -85,8 +88,8 @@ class ReproducePlan:
         if self.fd_reference not in ("random", "per-doc"):
             raise ConfigError(f"fd_reference must be random or per-doc, got "
                               f"{self.fd_reference!r}")
-        if self.utility_steer_norm not in ("mean", "centred"):
-            raise ConfigError(f"utility_steer_norm must be mean or centred, got "
+        if self.utility_steer_norm not in ("mean", "centred", "diffmean"):
+            raise ConfigError(f"utility_steer_norm must be mean, centred or diffmean, got "
                               f"{self.utility_steer_norm!r}")
         if self.fd_steps not in self.fd_steps_list:
             self.fd_steps_list = sorted({*self.fd_steps_list, self.fd_steps})

@@ -17,6 +17,9 @@ from glp_jax.reproduce import findings as F
 from glp_jax.rundir import write_atomic, write_results
 
 DESIGN_NOTES = "experiments/reproduce/sweep_design.md"
+# {part: note}: how a part's time was measured when it was not by `glp reproduce` itself
+# (e.g. stores extracted beforehand with `glp extract`); written by hand, printed as given.
+TIMING_NOTES = "timing_notes.json"
 
 
 def cpu_model() -> str:
@@ -43,12 +46,16 @@ def collect_findings(root: Path, seed: int = 0) -> list[F.Finding]:
     if scaling:
         out.append(F.finding_loss_law(scaling))
     if (t1 := _read(evals / "table1.json")) is not None:
-        out.append(F.finding_fd(t1))
+        from glp_jax.reproduce.run import ROBUST_TABLE1
+
+        out.append(F.finding_fd(t1, _read(evals / f"{ROBUST_TABLE1}.json")))
     if (t2 := _read(evals / "table2.json")) is not None:
         out.append(F.finding_delta_lm(t2, seed=seed))
     if (pr := _read(evals / "probe.json")) is not None:
         out.append(F.finding_probe(pr, seed=seed))
-    steers = {norm: s for norm, name in (("mean", "steer"), ("centred", "steer_centred"))
+    from glp_jax.reproduce.run import STEER_VARIANTS
+
+    steers = {norm: s for norm, name in STEER_VARIANTS
               if (s := _read(evals / f"{name}.json")) is not None}
     if steers:
         out.append(F.finding_steering(steers, seed=seed))
@@ -57,10 +64,19 @@ def collect_findings(root: Path, seed: int = 0) -> list[F.Finding]:
     return out
 
 
+def _measured_layer(root: Path):
+    """The LLM layer the evaluations ran on (the plan may say None = the middle one)."""
+    for name in ("table2", "steer"):
+        res = _read(root / "evals" / f"{name}.json")
+        if res and res.get("layer") is not None:
+            return res["layer"]
+    return None
+
+
 def _plot_sources(root: Path) -> dict[str, Path]:
     """Report file name -> where the reproduction wrote it."""
     src = {p.name: p for p in sorted((root / "plots").glob("*.png"))}
-    for name in ("steer_pareto.png", "steer_centred_pareto.png"):
+    for name in ("steer_pareto.png", "steer_diffmean_pareto.png"):
         src[name] = root / "evals" / name
     table1 = _read(root / "evals" / "table1.json")
     if table1:
@@ -90,7 +106,10 @@ def write_report(root: Path, report_dir: Path, *, seed: int = 0) -> Path:
                 kept.append(name)
         f.plots = kept
     timings = _read(root / "timings.json") or {}
-    md = report_markdown(plan, found, timings, cpu_model())
+    notes = _read(root / TIMING_NOTES) or {}
+    plan = {**plan, "layer": plan.get("layer") if plan.get("layer") is not None
+            else _measured_layer(root)}
+    md = report_markdown(plan, found, timings, cpu_model(), notes)
     write_atomic(report_dir / "REPORT.md", md)
     write_results(report_dir, "findings", {"plan": plan, "timings_s": timings,
                                            "cpu": cpu_model(),
@@ -98,7 +117,8 @@ def write_report(root: Path, report_dir: Path, *, seed: int = 0) -> Path:
     return report_dir / "REPORT.md"
 
 
-def report_markdown(plan: dict, found: list[F.Finding], timings: dict, cpu: str) -> str:
+def report_markdown(plan: dict, found: list[F.Finding], timings: dict, cpu: str,
+                    timing_notes: dict | None = None) -> str:
     total = sum(timings.values())
     lines = ["# Does glp_jax reproduce the paper?", "",
              f"`glp reproduce` on {plan['model']} layer {plan['layer'] or 'middle'} "
@@ -127,7 +147,9 @@ def report_markdown(plan: dict, found: list[F.Finding], timings: dict, cpu: str)
     lines += ["", "## Time", "", f"CPU: {cpu}. Seconds per part, summed over every "
               f"invocation (a resumed run adds up):", "", "| part | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.0f} |" for k, v in timings.items()]
-    lines += [f"| **total** | **{total:.0f}** ({total / 60:.1f} min) |", "",
+    lines += [f"| **total** | **{total:.0f}** ({total / 60:.1f} min) |"]
+    lines += ["", *[f"- {k}: {v}" for k, v in (timing_notes or {}).items()]]
+    lines += ["",
               "Rerun: `make reproduce` (or `glp reproduce config=...`; a rerun skips every "
               "finished part). The plan used is below; `findings.json` holds every number of "
               "this report for programs.", "", "```json", json.dumps(plan, indent=1), "```"]

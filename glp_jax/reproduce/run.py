@@ -7,7 +7,7 @@
     4. utility vs compute: 1-D probe AUC (and steer_score) of every kept checkpoint
     5. fits (loss law, downstream vs compute and vs loss) and their plots
     6. Table 1 (FD with paired bootstrap resamples), Table 2 (delta LM loss), Table 4
-       (1-D and dense probing), steering (the spec's mean-norm scale and a centred one)
+       (1-D and dense probing), steering (the spec's mean-norm scale and a DiffMean-relative one)
     7. the report: <report_dir>/REPORT.md, its PNGs and findings.json
 Each part is skipped when its output exists, so a killed run resumes where it stopped;
 <root>/timings.json adds up the seconds every part really took over all invocations.
@@ -24,6 +24,10 @@ from glp_jax.reproduce.plan import ReproducePlan
 from glp_jax.reproduce.steps import Timings, cached_json, extract_stores, train_baselines
 
 TAG = "reproduce"
+# Steering twice: r x the mean activation norm (the spec's protocol, decides the verdict) and
+# r x the DiffMean vector's norm (SmolLM2's mean norm is ~10x it; see evals/steer.py SCALES).
+STEER_VARIANTS = (("mean", "steer"), ("diffmean", "steer_diffmean"))
+ROBUST_TABLE1 = "table1_no_massive"
 
 
 def say(msg: str) -> None:
@@ -61,11 +65,15 @@ def run_reproduce(plan: ReproducePlan, *, report: bool = True) -> Path:
     best = best_run(sweep_dir)
     with timings.part("table1 fd"):
         cached_json(evals / "table1.json", lambda: table1(plan, targets, evals))
+    if plan.fd_drop_massive is not None:
+        with timings.part("table1 fd (massive rows left out)"):
+            cached_json(evals / f"{ROBUST_TABLE1}.json",
+                        lambda: table1(plan, targets, evals, plan.fd_drop_massive))
     with timings.part("table2 delta-lm"):
         cached_json(evals / "table2.json", lambda: table2(plan, targets, evals, ctx))
     with timings.part("table4 probe"):
         cached_json(evals / "probe.json", lambda: table4(plan, best, baselines, evals, ctx))
-    for norm, name in (("mean", "steer"), ("centred", "steer_centred")):
+    for norm, name in STEER_VARIANTS:
         with timings.part(f"steering ({norm} norm)"):
             cached_json(evals / f"{name}.json",
                         lambda n=norm, m=name: steering(plan, best, baselines, evals, ctx, n, m))
@@ -155,10 +163,16 @@ def utility_vs_compute(plan: ReproducePlan, sweep_dir: Path, ctx: EvalContext) -
                                      "norm": plan.utility_steer_norm})
 
 
-def fit_and_plot(plan: ReproducePlan, sweep_dir: Path, plot_dir: Path) -> dict:
+def fit_and_plot(plan: ReproducePlan, sweep_dir: Path, plot_dir: Path) -> dict | None:
+    """Fits and plots, unless scaling.json is newer than every run's metrics (a resume)."""
     from glp_jax.plots import plot_sweep
-    from glp_jax.scaling import fit_sweep, load_runs, write_results
+    from glp_jax.scaling import METRICS_FILE, RESULTS_JSON, fit_sweep, load_runs, write_results
 
+    done = sweep_dir / RESULTS_JSON
+    metrics = list(sweep_dir.rglob(METRICS_FILE))
+    if done.is_file() and any(plot_dir.glob("*.png")) and metrics and \
+            done.stat().st_mtime >= max(m.stat().st_mtime for m in metrics):
+        return None
     say(f"fits ({plan.n_boot} bootstrap resamples) and plots -> {plot_dir}")
     result = fit_sweep(sweep_dir, n_boot=plan.n_boot)
     write_results(sweep_dir, result)
@@ -174,15 +188,19 @@ def best_run(sweep_dir: Path) -> Path:
     return min(runs, key=lambda r: float(np.nanmin(r.column("val_loss")))).path
 
 
-def table1(plan: ReproducePlan, targets, evals: Path) -> dict:
+def table1(plan: ReproducePlan, targets, evals: Path, drop_massive: float | None = None) -> dict:
     from glp_jax.evals.tables import fd_table
 
+    left_out = ("" if drop_massive is None else
+                f", reference rows > {drop_massive:g}x the median norm left out")
     say(f"Table 1: FD of {plan.fd_samples:,} samples x {plan.fd_steps_list} Euler steps vs "
         f"{plan.fd_samples:,} held-out rows ({plan.fd_reference}), {plan.fd_boot} bootstrap "
-        f"resamples")
+        f"resamples{left_out}")
     return fd_table(targets, n=plan.fd_samples, steps=plan.fd_steps,
                     steps_list=plan.fd_steps_list, seed=plan.seed, pca_k=plan.pca_k,
-                    out_dir=evals, reference=plan.fd_reference, n_boot=plan.fd_boot)
+                    out_dir=evals, reference=plan.fd_reference, n_boot=plan.fd_boot,
+                    drop_massive=drop_massive,
+                    name="table1" if drop_massive is None else ROBUST_TABLE1)
 
 
 def table2(plan: ReproducePlan, targets, evals: Path, ctx: EvalContext) -> dict:
