@@ -91,3 +91,19 @@ def test_paper_extraction_scripts_match_their_configs():
         text = (ROOT / "experiments" / "paper" / config).read_text()
         assert "${GLP_DATA_ROOT}/" + store.split("/", 1)[1] in text
         assert val[val.index("--out") + 1] == store[: -len("train")] + "val"
+
+
+def test_reproduce_runs_the_named_plan_and_its_plans_load():
+    from glp_jax.reproduce.plan import load_plan
+
+    [cmd] = _dry("reproduce.sh")
+    assert cmd == ["glp", "reproduce", "config=experiments/reproduce/cpu.yaml"]
+    [cmd] = _dry("reproduce.sh", PLAN="experiments/reproduce/paper-llama1b.yaml",
+                 OVERRIDES="root=/tmp/r report_dir=/tmp/rep")
+    assert cmd == ["glp", "reproduce", "config=experiments/reproduce/paper-llama1b.yaml",
+                   "root=/tmp/r", "report_dir=/tmp/rep"]
+    paper = load_plan(["config=experiments/reproduce/paper-llama1b.yaml"])
+    assert (paper.layer, paper.depths, paper.activations) == (7, [3, 6, 12, 24], 1_024_000_000)
+    assert paper.widths == [] and paper.fd_samples == 50_000 and paper.dlm_seqs == 2048
+    cpu = load_plan()
+    assert len(cpu.widths) == len(cpu.depths) and cpu.utility_steer_norm == "diffmean"

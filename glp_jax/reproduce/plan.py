@@ -33,8 +33,8 @@ class ReproducePlan:
     # the depth sweep: one cosine run per depth, intermediate evaluations = the data axis
     sweep_config: str = "experiments/reproduce/sweep.yaml"
     depths: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 6])
-    widths: list[int] = field(default_factory=lambda: [128, 192, 256, 320, 384])  # d_model
-    # per depth; [] = the sweep config's widths for every depth
+    widths: list[int] = field(default_factory=list)  # d_model per depth (cpu.yaml: 128..384);
+    # [] = the sweep config's widths for every depth
     mlp_ratio: int = 2  # d_mlp = mlp_ratio * d_model where widths are given
     activations: int = 2_000_000  # per run
     n_boot: int = 1000  # bootstrap resamples of every fit
