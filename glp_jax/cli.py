@@ -22,6 +22,17 @@ def _parse_layers(text: str | None, n_layers: int) -> list[int] | None:
         raise GLPError(f"--layers must be comma-separated ints, 'middle' or 'all', got {text!r}") from e
 
 
+def positive_int(text: str) -> int:
+    """argparse type for counts: `--n 0` or `--n -5` is refused in one line, not deep in JAX."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def cmd_extract(args) -> int:
     from glp_jax.config import ExtractConfig
     from glp_jax.data.corpus import open_corpus
@@ -437,8 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("sample", help="sample activations from a trained GLP")
     sp.add_argument("run", help="run directory (ours or the original layout)")
-    sp.add_argument("--n", type=int, default=1000)
-    sp.add_argument("--steps", type=int, default=20)
+    sp.add_argument("--n", type=positive_int, default=1000)
+    sp.add_argument("--steps", type=positive_int, default=20)
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--layer", type=int, default=None, help="LLM layer (multi-layer GLPs)")
     sp.add_argument("--step", default="latest", help="checkpoint: latest, a step, or epoch_N")
@@ -516,16 +527,16 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--sigma0", type=float, default=0.5, help="GLP projection noise level")
         q.add_argument("--proj-steps", type=int, default=20, help="GLP projection grid size")
         q.add_argument("--convention", default="code", choices=["code", "paper"])
-    efd.add_argument("--n", type=int, default=50_000, help="samples and reference rows")
-    efd.add_argument("--steps", type=int, default=1000, help="Euler steps of the headline FD")
+    efd.add_argument("--n", type=positive_int, default=50_000, help="samples and reference rows")
+    efd.add_argument("--steps", type=positive_int, default=1000, help="Euler steps of the headline FD")
     efd.add_argument("--steps-list", default="1,2,4,10,20,50,100,250,1000")
     efd.add_argument("--batch-size", type=int, default=4096)
     efd.set_defaults(fn=cmd_eval_fd)
-    edl.add_argument("--n-seqs", type=int, default=2048)
-    edl.add_argument("--length", type=int, default=128)
+    edl.add_argument("--n-seqs", type=positive_int, default=2048)
+    edl.add_argument("--length", type=positive_int, default=128)
     edl.add_argument("--batch-size", type=int, default=8)
     edl.set_defaults(fn=cmd_eval_delta_lm)
-    erc.add_argument("--n", type=int, default=50_000, help="held-out rows")
+    erc.add_argument("--n", type=positive_int, default=50_000, help="held-out rows")
     erc.set_defaults(fn=cmd_eval_recon)
 
     epr = evsub.add_parser("probe", help="1-D and dense probing: GLP meta-neurons vs raw, "
@@ -544,15 +555,15 @@ def build_parser() -> argparse.ArgumentParser:
                        "(0.1 for comparisons, 0.5 for scaling)")
     epr.add_argument("--tasks", nargs="*", default=None, help=".csv/.jsonl (text,label) files "
                      "or original-layout task folders (default: the fortune category suite)")
-    epr.add_argument("--max-tasks", type=int, default=None)
-    epr.add_argument("--max-per-task", type=int, default=None)
+    epr.add_argument("--max-tasks", type=positive_int, default=None)
+    epr.add_argument("--max-per-task", type=positive_int, default=None)
     epr.add_argument("--max-length", type=int, default=512)
     epr.add_argument("--pca-k", type=int, default=32)
     epr.add_argument("--no-dense", action="store_true", help="skip the dense probes")
     epr.set_defaults(fn=cmd_eval_probe)
     est.add_argument("--rs", default="0.2,0.4,0.6,0.8,1.0,1.2,1.4,1.6,1.8,2.0",
                      help="coefficients relative to the mean activation norm")
-    est.add_argument("--n-prompts", type=int, default=100)
+    est.add_argument("--n-prompts", type=positive_int, default=100)
     est.add_argument("--max-new-tokens", type=int, default=20)
     est.add_argument("--sigma0", type=float, default=0.5)
     est.add_argument("--proj-steps", type=int, default=20)
@@ -574,8 +585,8 @@ def build_parser() -> argparse.ArgumentParser:
     eut.add_argument("--sigma", type=float, default=0.5, help="meta-neuron noise (paper: 0.5)")
     eut.add_argument("--steer", action="store_true", help="also the steering score")
     eut.add_argument("--no-probe", action="store_true")
-    eut.add_argument("--max-tasks", type=int, default=4)
-    eut.add_argument("--max-per-task", type=int, default=300)
+    eut.add_argument("--max-tasks", type=positive_int, default=4)
+    eut.add_argument("--max-per-task", type=positive_int, default=300)
     eut.add_argument("--seed", type=int, default=0)
     eut.add_argument("--quiet", action="store_true")
     eut.set_defaults(fn=cmd_eval_utility)

@@ -351,8 +351,14 @@ def load_config(items: list[str], cls=TrainConfig):
     over = parse_overrides(items)
     values: dict[str, Any] = {}
     if "config" in over:
+        from glp_jax.yamlio import error_line, safe_load
+
         path = find_config_file(over.pop("config"))
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML ({error_line(e)}); fix the syntax "
+                              f"there") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path} must hold a mapping of config keys")
         values.update(loaded)

@@ -88,3 +88,19 @@ def test_store_info_json(tmp_path):
     stored = store.read_range(0, 40).astype(np.float64)
     assert abs(info["stats"]["1"]["mean_std"] - stored.std(0).mean()) < 1e-9
     assert info["size_on_disk_bytes"] > 40 * 8 * 2
+
+
+def test_counts_must_be_positive_one_line_no_traceback(tmp_path, capsys):
+    import pytest
+
+    for argv in (["sample", str(tmp_path), "--n", "0", "--out", str(tmp_path / "x.npy")],
+                 ["sample", str(tmp_path), "--n", "-5", "--out", str(tmp_path / "x.npy")],
+                 ["sample", str(tmp_path), "--steps", "0", "--out", str(tmp_path / "x.npy")],
+                 ["eval", "fd", str(tmp_path), "--n", "zero"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "Traceback" not in err
+        assert "must be a positive integer" in err or "is not an integer" in err
+        assert err.strip().splitlines()[-1].startswith("glp ")  # argparse: usage + one line
+    assert not (tmp_path / "x.npy").exists()

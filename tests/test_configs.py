@@ -7,6 +7,7 @@ import pytest
 
 from glp_jax.cli import main
 from glp_jax.config import TrainConfig, load_config
+from glp_jax.errors import ConfigError
 from glp_jax.model import GLPConfig, param_count
 
 ROOT = Path(__file__).resolve().parents[1] / "experiments"
@@ -62,3 +63,12 @@ def test_paper_config_compiles_full_size(name, capsys):
     assert main(["config", "check", f"config={path}", "--compile", "--full"]) == 0
     out = capsys.readouterr().out
     assert "batch 4096" in out and "temp memory" in out
+
+
+def test_yaml_syntax_error_is_one_line_naming_file_and_position(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("batch_size: 64\nlearning_rate: [1e-3\nn_layers: 2\n")
+    with pytest.raises(ConfigError) as e:
+        load_config([f"config={bad}"])
+    msg = str(e.value)
+    assert "\n" not in msg and str(bad) in msg and "line " in msg and "fix the syntax" in msg

@@ -308,3 +308,28 @@ def test_unresolved_interpolation_in_denoiser_config(tmp_path):
     (folder / "config.yaml").write_text(text)
     with pytest.raises(CheckpointError, match=r"d_model.*\$\{width\}"):
         load_original(folder)
+
+
+def test_config_with_the_originals_pathlib_tag_loads_and_other_python_tags_do_not(tmp_path):
+    """The original's training code saves output_path as a pathlib Path with PyYAML's full
+    dumper; such a folder loads, and any other Python tag is still refused."""
+    import pathlib
+
+    import yaml
+
+    from glp_jax.yamlio import safe_load
+
+    folder = make_folder(tmp_path / "glp")
+    cfg = safe_load((folder / "config.yaml").read_text())
+    cfg["output_path"] = pathlib.PosixPath("/scratch/glp/runs/llama1b-d3")
+    text = yaml.dump(cfg)  # the full dumper, as the original wrote it
+    assert "!!python/object/apply:pathlib.PosixPath" in text
+    (folder / "config.yaml").write_text(text)
+    with pytest.raises(yaml.constructor.ConstructorError):
+        yaml.safe_load(text)  # what was refused before
+    assert safe_load(text)["output_path"] == "/scratch/glp/runs/llama1b-d3"
+    loaded, _, _ = load_original(folder)
+    assert (loaded.d_input, loaded.n_layers) == (8, 2)
+    evil = "x: !!python/object/apply:os.system ['echo pwned']\n"
+    with pytest.raises(yaml.constructor.ConstructorError):
+        safe_load(evil)

@@ -75,12 +75,14 @@ def read_config(folder: str | Path) -> GLPConfig:
     """GLPConfig from `config.yaml`'s glp_kwargs.denoiser_config."""
     import yaml
 
+    from glp_jax.yamlio import safe_load
+
     path = Path(folder) / "config.yaml"
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: an original-format GLP folder needs "
                               "config.yaml, rep_statistics.pt and final.safetensors")
     try:
-        obj = yaml.safe_load(path.read_text())
+        obj = safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise CheckpointError(f"{path} is not valid YAML ({e}); re-download or re-export "
                               "the folder") from None

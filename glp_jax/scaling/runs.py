@@ -142,9 +142,9 @@ def _read_configs(run_dir: Path) -> dict:
             if path.suffix == ".json":
                 loaded = json.loads(path.read_text())
             else:
-                import yaml
+                from glp_jax.yamlio import safe_load
 
-                loaded = yaml.safe_load(path.read_text())
+                loaded = safe_load(path.read_text())
         except Exception as e:  # noqa: BLE001 - any parse failure means the same thing
             raise GLPError(f"cannot parse {path}: {e}; fix the file or delete it") from e
         if isinstance(loaded, dict):
