@@ -128,6 +128,20 @@ class RunDir:
     def __str__(self) -> str:
         return str(self.path)
 
+    def ensure_writable(self) -> None:
+        """Create a local run folder up front, so an unusable output_path is one clear error
+        before any work (buckets are checked by their first write)."""
+        if "://" in str(self.path):
+            return
+        try:
+            Path(str(self.path)).mkdir(parents=True, exist_ok=True)
+            probe = Path(str(self.path)) / ".write_test"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise GLPError(f"cannot write the run folder {self.path} ({e.strerror or e}); set "
+                           f"output_path= to a folder you can write") from None
+
     # -- settings
     def started(self) -> bool:
         return (self.path / RUN_FILE).exists()

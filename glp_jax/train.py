@@ -389,6 +389,8 @@ def train(cfg: TrainConfig, mesh=None, stop_after_steps: int | None = None) -> d
     stop_after_steps: leave after that many steps of this call (a simulated preemption
     for tests; the checkpoint at that point is written first).
     """
+    if jax.process_index() == 0:
+        RunDir(cfg.output_path).ensure_writable()
     mesh = mesh or make_mesh(cfg.mesh_data, cfg.mesh_fsdp)
     total = cfg.total_steps
     n_dev = mesh.devices.size

@@ -104,3 +104,18 @@ def test_counts_must_be_positive_one_line_no_traceback(tmp_path, capsys):
         assert "must be a positive integer" in err or "is not an integer" in err
         assert err.strip().splitlines()[-1].startswith("glp ")  # argparse: usage + one line
     assert not (tmp_path / "x.npy").exists()
+
+
+def test_store_path_that_is_a_file_and_unwritable_output_path_are_one_line(tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_bytes(b"keep me")
+    code, err = _run(["extract", "--max-tokens", "10", "--out", str(f)], capsys)
+    assert code == 2 and "exists and is not a folder" in err and "Traceback" not in err
+    assert f.read_bytes() == b"keep me"
+    store = ActivationStore.create(tmp_path / "s", StoreMeta(model="m", layers=[0], d=4))
+    store.append({0: np.ones((64, 4), np.float32)}, np.zeros(64), np.arange(64))
+    code, err = _run(["train", f"train_dataset={tmp_path / 's'}", "num_steps=1",
+                      "batch_size=16", "d_model=8", "d_mlp=8", "n_layers=1", "use_bf16=false",
+                      f"output_path={f / 'run'}", "progress=false"], capsys)
+    assert code == 2 and "cannot write the run folder" in err and "output_path=" in err
+    assert len(err.strip().splitlines()) == 1 and f.read_bytes() == b"keep me"

@@ -202,6 +202,9 @@ class ActivationStore:
     # ----------------------------------------------------------------- opening
     @classmethod
     def create(cls, url: str, meta: StoreMeta) -> ActivationStore:
+        if "://" not in str(url) and os.path.lexists(url) and not os.path.isdir(url):
+            raise StoreError(f"{url} exists and is not a folder; a store is a folder: pass a "
+                             f"new path (or an existing store folder) to --out")
         context = _context_for(url)
         kv = ts.KvStore.open(kvstore_spec(url), context=context).result()
         if kv.read(META_KEY).result().state == "value":
