@@ -53,11 +53,12 @@ def cmd_extract(args) -> int:
     corpus = open_corpus(cfg.corpus)
     _, model_id = resolve_model(cfg.model)
     meta = extraction_meta(cfg, model_id, int(llm_cfg.hidden_size), corpus.name)
-    # Validate against an existing store before the (slow) weight load; a mismatch changes nothing.
-    store = ActivationStore.open_or_create(args.out, meta)
-    lm = load_causal_lm(cfg.model, dtype=cfg.llm_dtype, device=cfg.device)
-    res = extract_to_store(Extractor(lm, cfg), corpus, store, args.max_tokens,
-                           progress=not args.quiet)
+    # Take the writer lock and validate against an existing store before the (slow) weight
+    # load; a second writer or a mismatch is refused and changes nothing.
+    with ActivationStore.open_for_writing(args.out, meta, "glp extract") as store:
+        lm = load_causal_lm(cfg.model, dtype=cfg.llm_dtype, device=cfg.device)
+        res = extract_to_store(Extractor(lm, cfg), corpus, store, args.max_tokens,
+                               progress=not args.quiet)
     rate = res.tokens_run / res.seconds if res.seconds else 0.0
     print(f"store {args.out}: {res.rows} rows (+{res.rows_added}), layers {cfg.layers}, "
           f"d={meta.d}, {res.docs_done} documents done, {rate:.0f} tokens/s")
@@ -79,6 +80,7 @@ def cmd_store_info(args) -> int:
     print(f"corpus:  {info['corpus']} [{info['split']}]   policy: {info['token_policy']}   "
           f"max_length: {info['max_length']}   seed: {info['seed']}")
     print(f"size:    {'n/a' if size is None else f'{size / 2**20:.1f} MiB'}")
+    print(f"checks:  {_CHECKSUMS[info['checksums']]}")
     print(f"created: {info['created_by']}")
     for k, s in info["stats"].items():
         if s["count"]:
@@ -87,6 +89,24 @@ def cmd_store_info(args) -> int:
         else:
             print(f"layer {k}: empty")
     return 0
+
+
+_CHECKSUMS = {"chunks+index": "crc32c on every chunk and shard index (`glp store verify` reads "
+                               "them all)",
+              "index": "crc32c on shard indexes only (older store; `glp store verify` also "
+                       "compares statistics)",
+              "none": "no checksums"}
+
+
+def cmd_store_verify(args) -> int:
+    from glp_jax.data.verify import report_lines, verify_store
+
+    report = verify_store(args.path, progress=not args.quiet)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=1))
+    else:
+        print("\n".join(report_lines(report)))
+    return 0 if report.ok else 1
 
 
 def cmd_store_import(args) -> int:
@@ -403,7 +423,7 @@ def cmd_pca(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from glp_jax.config import STORE_DTYPES, TOKEN_POLICIES, ExtractConfig
 
-    p = argparse.ArgumentParser(prog="glp", description="Generative meta-models of LLM activations")
+    p = _Parser(prog="glp", description="Generative meta-models of LLM activations")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     e = sub.add_parser("extract", help="extract residual-stream activations into a store")
@@ -435,6 +455,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("path")
     i.add_argument("--json", action="store_true")
     i.set_defaults(fn=cmd_store_info)
+    vf = ssub.add_parser("verify", help="read every chunk: report corrupt or missing shards by "
+                         "layer and row range (exit 1 if any)")
+    vf.add_argument("path")
+    vf.add_argument("--json", action="store_true")
+    vf.add_argument("--quiet", action="store_true")
+    vf.set_defaults(fn=cmd_store_verify)
     imp = ssub.add_parser("import-original", help="import an original-format GLP dataset")
     imp.add_argument("src")
     imp.add_argument("dst")
@@ -612,14 +638,66 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (what, and where the help is), not usage + error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _user_error(e: BaseException) -> GLPError | None:
+    """The GLPError behind `e` (raised directly, or wrapped by grain/orbax on the way up)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, GLPError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _report_unexpected(e: Exception) -> str:
+    """Save the traceback of an unexpected error to a file; return where it is."""
+    import tempfile
+    import traceback
+
+    fd, path = tempfile.mkstemp(prefix="glp-error-", suffix=".txt")
+    with os.fdopen(fd, "w") as f:
+        f.write(f"glp {' '.join(sys.argv[1:])}\n")
+        traceback.print_exception(e, file=f)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Every failure is one line on stderr and a non-zero exit: 2 for bad
+    input (GLPError, unreadable files), 1 for an unexpected error, whose traceback goes to a
+    file (or to the terminal with GLP_DEBUG=1)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except GLPError as e:
-        print(f"glp: error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("glp: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the one place errors become messages
+        user = _user_error(e)
+        if user is not None:
+            print(f"glp: error: {_one_line(user)}", file=sys.stderr)
+            return 2
+        if isinstance(e, OSError) and e.strerror:
+            where = f": {e.filename}" if e.filename else ""
+            print(f"glp: error: {e.strerror}{where}", file=sys.stderr)
+            return 2
+        if os.environ.get("GLP_DEBUG"):
+            raise
+        print(f"glp: error: unexpected {type(e).__name__}: {_one_line(e)[:300]} (the traceback "
+              f"is in {_report_unexpected(e)}; GLP_DEBUG=1 prints it; please report it)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

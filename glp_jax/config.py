@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -302,7 +303,10 @@ def make_config(values: dict[str, Any], cls=TrainConfig):
         if k not in fields:
             close = difflib.get_close_matches(k, fields, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"unknown config key {k!r}{hint} (see glp_jax/config.py for the keys)")
+            where = sys.modules[cls.__module__].__file__ or cls.__module__
+            where = where[where.rfind("glp_jax"):] if "glp_jax" in where else where
+            raise ConfigError(f"unknown {cls.__name__} key {k!r}{hint} (the keys are the fields "
+                              f"of {cls.__name__} in {where})")
         kwargs[k] = _coerce(k, v, fields[k].type)
     try:
         return cls(**kwargs)

@@ -23,3 +23,22 @@ class ConfigError(GLPError):
 
 class CheckpointError(GLPError):
     """A checkpoint is missing, partial or incompatible."""
+
+
+class CheckpointCorruptError(CheckpointError):
+    """A checkpoint's files are truncated or altered (its digest or its restore failed)."""
+
+
+class WriterLockedError(GLPError):
+    """Another live writer holds the store's or run's writer lock."""
+
+
+class WriterLockLostError(GLPError):
+    """This writer's lock was taken over (or could not be refreshed); it stops writing."""
+
+
+def warn(msg: str) -> None:
+    """One `glp: warning:` line on stderr (readable in logs, no Python warning machinery)."""
+    import sys
+
+    print(f"glp: warning: {msg}", file=sys.stderr, flush=True)

@@ -191,8 +191,8 @@ class RunDir:
                          f"normaliser would change)")
         if diffs:
             raise ConfigError(f"{self.path} holds a different run; resuming it with these "
-                              f"settings would not reproduce it:\n  " + "\n  ".join(diffs)
-                              + "\nUse a new output_path, or rerun with the run's settings "
+                              f"settings would not reproduce it: " + "; ".join(diffs)
+                              + ". Use a new output_path, or rerun with the run's settings "
                               "(they are in run.json).")
 
     def normalizer(self):
@@ -245,10 +245,14 @@ class RunDir:
         """An int, 'latest' (None: ask the checkpoints), or 'epoch_N' -> a step number."""
         if step == "latest":
             return None
-        if isinstance(step, str) and step.startswith("epoch_"):
-            r = self.resolved()
-            return epoch_step(int(step.split("_")[1]), r["epoch_size"], r["batch_size"])
-        return int(step)
+        try:
+            if isinstance(step, str) and step.startswith("epoch_"):
+                r = self.resolved()
+                return epoch_step(int(step.split("_")[1]), r["epoch_size"], r["batch_size"])
+            return int(step)
+        except ValueError:
+            raise GLPError(f"checkpoint {step!r} of {self.path}: pass a step number, 'latest' "
+                           f"or 'epoch_N'") from None
 
     # -- evaluations
     def write_eval(self, name: str, result: dict[str, Any], markdown: str | None = None,

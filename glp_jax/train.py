@@ -32,6 +32,7 @@ from glp_jax.config import TrainConfig
 from glp_jax.data.store import ActivationStore
 from glp_jax.errors import ConfigError, GLPError
 from glp_jax.layers import layer_position
+from glp_jax.lock import WriterLock
 from glp_jax.model import (
     GLP,
     GLPConfig,
@@ -386,11 +387,42 @@ def run_info(spec: ModelSpec, n_dev: int) -> dict:
 def train(cfg: TrainConfig, mesh=None, stop_after_steps: int | None = None) -> dict:
     """Train (or resume) the run in cfg.output_path. Returns the final metrics row.
 
+    Process 0 holds the run folder's writer lock (glp_jax/lock.py) throughout: a second
+    `glp train` into the same output_path is refused, naming the first.
     stop_after_steps: leave after that many steps of this call (a simulated preemption
     for tests; the checkpoint at that point is written first).
     """
+    lock = _take_run_lock(cfg.output_path)
+    try:
+        return _train(cfg, mesh, stop_after_steps, lock)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _take_run_lock(output_path) -> WriterLock | None:
+    """Process 0 checks the folder and takes its writer lock; every process learns whether
+    that worked, so a refused start stops all of them (not just the first)."""
+    lock, error = None, None
     if jax.process_index() == 0:
-        RunDir(cfg.output_path).ensure_writable()
+        run = RunDir(output_path)
+        try:
+            run.ensure_writable()
+            lock = WriterLock(str(run.path), "glp train").acquire()
+        except GLPError as e:
+            error = e
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        if not int(multihost_utils.broadcast_one_to_all(np.int32(error is None))):
+            raise error or GLPError(f"process 0 could not start the run in {output_path} "
+                                    f"(its log says why)")
+    elif error is not None:
+        raise error
+    return lock
+
+
+def _train(cfg: TrainConfig, mesh, stop_after_steps: int | None, lock: WriterLock | None) -> dict:
     mesh = mesh or make_mesh(cfg.mesh_data, cfg.mesh_fsdp)
     total = cfg.total_steps
     n_dev = mesh.devices.size
@@ -492,6 +524,8 @@ def train(cfg: TrainConfig, mesh=None, stop_after_steps: int | None = None) -> d
             stopping = ((stop_after_steps is not None and steps_this_call >= stop_after_steps)
                         or (cfg.stop_at_step is not None and step >= cfg.stop_at_step))
             if boundary_log or boundary_save or step in epoch_steps or stopping:
+                if lock is not None:
+                    lock.check()  # another writer took the folder over: write nothing more
                 losses = np.asarray(jax.device_get(jnp.stack([w[0] for w in window])))
                 gnorms = np.asarray(jax.device_get(jnp.stack([w[1] for w in window])))
                 # A finite loss with an Inf gradient still leaves NaN parameters behind.

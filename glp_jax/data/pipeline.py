@@ -353,8 +353,8 @@ def _check_stores(stores: list[ActivationStore], layers: list[int], mode: str) -
         diffs = [f"{k}: {ref.url} has {getattr(ref.meta, k)!r}, {s.url} has {getattr(s.meta, k)!r}"
                  for k in ("model", "d", "hook") if getattr(ref.meta, k) != getattr(s.meta, k)]
         if diffs:
-            raise StoreMismatchError("stores cannot be mixed in one pipeline:\n  " + "\n  ".join(diffs)
-                                     + "\nTrain on stores extracted from the same model and hook.")
+            raise StoreMismatchError("stores cannot be mixed in one pipeline: " + "; ".join(diffs)
+                                     + ". Train on stores extracted from the same model and hook.")
     for s in stores:
         missing = [k for k in layers if k not in s.meta.layers]
         if missing:

@@ -15,15 +15,23 @@ The row axis is preallocated (zarr chunks are sparse, so unwritten rows cost not
 those writes durable, and only then replaces `commit.npz`. Readers see `len(store)` =
 committed rows, so a writer killed at any point leaves a store that opens cleanly; bytes
 past the committed count are garbage that the next append overwrites.
-Single writer per store; any number of readers.
+Every chunk and every shard index carries a crc32c checksum (zarr3 `crc32c` codec; older
+stores have it on the shard index only, and stay readable), so a flipped bit or a truncated
+shard is a read error naming the layer and rows, never silently wrong data; `glp store
+verify` (glp_jax/data/verify.py) checks a whole store.
+
+One writer per store: `open_for_writing` holds the store's writer lock (glp_jax/lock.py)
+until `close()`; any number of readers, which never need it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +42,9 @@ import tensorstore as ts
 
 from glp_jax.data.stats import Moments
 from glp_jax.errors import NonFiniteActivationError, StoreError, StoreMismatchError
+from glp_jax.kv import child_spec as _child
+from glp_jax.kv import context_for as _context_for
+from glp_jax.kv import kvstore_spec
 from glp_jax.version import __version__
 
 FORMAT = "glp_jax.activation_store"
@@ -45,10 +56,6 @@ DEFAULT_CAPACITY = 2**34  # rows; zarr chunks are sparse so this costs nothing o
 # Fields that must match when a writer re-opens a store to append (the rest is informative).
 IDENTITY_FIELDS = ("model", "layers", "d", "dtype", "hook", "corpus", "split", "token_policy",
                    "tokens_per_doc", "max_length", "seed", "extra")
-
-# memory:// stores live in a tensorstore Context; share one so re-opening in-process works.
-_MEMORY_CONTEXT = ts.Context()
-
 
 @dataclass
 class StoreMeta:
@@ -131,26 +138,6 @@ class Commit:
         return Commit(int(z["rows"]), cursor, moments, int(z["seq"]))
 
 
-def kvstore_spec(url: str) -> str | dict:
-    """A tensorstore kvstore spec for a local path or URL, with a trailing slash."""
-    url = str(url)
-    if "://" in url:
-        return url.rstrip("/") + "/"
-    return {"driver": "file", "path": os.path.abspath(url).rstrip("/") + "/"}
-
-
-def _child(base: str | dict, name: str) -> str | dict:
-    if isinstance(base, dict):
-        return {**base, "path": base["path"] + name + "/"}
-    return base + name + "/"
-
-
-def _context_for(url: str) -> ts.Context:
-    if str(url).startswith("memory://"):
-        return _MEMORY_CONTEXT
-    return ts.Context({"cache_pool": {"total_bytes_limit": 0}})
-
-
 def _array_spec(kv, shape, dtype: str, shard_rows: int, chunk_rows: int) -> dict:
     inner = [chunk_rows, *shape[1:]]
     return {
@@ -163,7 +150,8 @@ def _array_spec(kv, shape, dtype: str, shard_rows: int, chunk_rows: int) -> dict
                            "configuration": {"chunk_shape": [shard_rows, *shape[1:]]}},
             "codecs": [{"name": "sharding_indexed", "configuration": {
                 "chunk_shape": inner,
-                "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}],
+                "codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
+                           {"name": "crc32c"}],
                 "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
                                  {"name": "crc32c"}],
             }}],
@@ -183,9 +171,12 @@ class ActivationStore:
         self.meta = meta
         self._context = context
         self._kv = kv
+        self._lock = None  # a WriterLock when opened with open_for_writing
         base = kvstore_spec(self.url)
         open_arr = lambda name: ts.open(  # noqa: E731
-            {"driver": "zarr3", "kvstore": _child(base, name)}, context=context, open=True
+            {"driver": "zarr3", "kvstore": _child(base, name),
+             # write all-zero chunks too: a missing shard file then always means damage
+             "store_data_equal_to_fill_value": True}, context=context, open=True
         )
         try:
             self._acts = {k: open_arr(f"layer_{k}") for k in meta.layers}
@@ -202,9 +193,7 @@ class ActivationStore:
     # ----------------------------------------------------------------- opening
     @classmethod
     def create(cls, url: str, meta: StoreMeta) -> ActivationStore:
-        if "://" not in str(url) and os.path.lexists(url) and not os.path.isdir(url):
-            raise StoreError(f"{url} exists and is not a folder; a store is a folder: pass a "
-                             f"new path (or an existing store folder) to --out")
+        _refuse_file(url)
         context = _context_for(url)
         kv = ts.KvStore.open(kvstore_spec(url), context=context).result()
         if kv.read(META_KEY).result().state == "value":
@@ -231,6 +220,9 @@ class ActivationStore:
     def open(cls, url: str) -> ActivationStore:
         context = _context_for(url)
         local = "://" not in str(url)
+        if local and os.path.exists(url) and not os.path.isdir(url):
+            raise StoreError(f"no activation store at {url}: it is a file; a store is the folder "
+                             f"written by `glp extract --out`")
         if local and not os.path.isdir(url):
             raise StoreError(f"no activation store at {url}: the directory does not exist. "
                              f"Create one with `glp extract --out {url} ...`.")
@@ -261,14 +253,52 @@ class ActivationStore:
         store.check_compatible(meta)
         return store
 
+    @classmethod
+    def open_for_writing(cls, url: str, meta: StoreMeta, what: str = "glp extract") -> ActivationStore:
+        """`open_or_create` under the store's writer lock (refused while another writer
+        holds it); `append` checks the lock is still ours, `close()` releases it."""
+        from glp_jax.lock import WriterLock
+
+        _refuse_file(url)
+        lock = WriterLock(url, what).acquire()
+        try:
+            store = cls.open_or_create(url, meta)
+        except BaseException:
+            lock.release()
+            raise
+        store._lock = lock
+        return store
+
+    def close(self) -> None:
+        """Release the writer lock, if this handle holds it (readers hold nothing)."""
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.release()
+
+    def __enter__(self) -> ActivationStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def checksums(self) -> str:
+        """'chunks+index' (crc32c on every chunk and shard index), 'index' or 'none'."""
+        codecs = self._acts[self.meta.layers[0]].codec.to_json().get("codecs", [])
+        shard = next((c["configuration"] for c in codecs if c.get("name") == "sharding_indexed"),
+                     {})
+        crc = lambda chain: any(c.get("name") == "crc32c" for c in chain)  # noqa: E731
+        if crc(shard.get("codecs", [])) and crc(shard.get("index_codecs", [])):
+            return "chunks+index"
+        return "index" if crc(shard.get("index_codecs", [])) else "none"
+
     def check_compatible(self, meta: StoreMeta) -> None:
         mine, theirs = dataclasses.asdict(self.meta), dataclasses.asdict(meta)
         diffs = [f"{k}: store has {mine[k]!r}, requested {theirs[k]!r}"
                  for k in IDENTITY_FIELDS if mine[k] != theirs[k]]
         if diffs:
             raise StoreMismatchError(
-                f"store {self.url} was written with different settings:\n  " + "\n  ".join(diffs)
-                + "\nNothing was changed. Use a new --out path, or rerun with the store's settings.")
+                f"store {self.url} was written with different settings: " + "; ".join(diffs)
+                + ". Nothing was changed. Use a new --out path, or rerun with the store's settings.")
 
     # ----------------------------------------------------------------- committed state
     def _read_commit(self) -> Commit:
@@ -351,6 +381,9 @@ class ActivationStore:
                     f"{int(doc_ids[rows[0]])}); nothing was written. Run the LLM in float32, or "
                     f"check the model weights.")
             cast[k] = x.astype(DTYPES[self.meta.dtype])
+        lock = self._lock
+        if lock is not None:
+            lock.check()  # another writer took the store over: write nothing
         n0 = len(self)
         if n0 + m > self.meta.capacity:
             raise StoreError(f"store capacity {self.meta.capacity} rows would be exceeded")
@@ -364,6 +397,8 @@ class ActivationStore:
         moments = {k: self._commit.moments[k].merge(Moments.of(v)) for k, v in cast.items()}
         new = Commit(n0 + m, dict(cursor if cursor is not None else self._commit.cursor), moments,
                      self._commit.seq + 1)
+        if lock is not None:
+            lock.check()  # the rows past the commit are garbage until committed: safe to stop
         self._kv.write(COMMIT_KEY, new.to_bytes()).result()
         self._commit = new
         return new.rows
@@ -377,18 +412,55 @@ class ActivationStore:
         """Rows `idx` (any order, repeats allowed) as float32 [B, d]; one tensorstore read."""
         idx = np.asarray(idx, np.int64).reshape(-1)
         self._check_indices(idx)
-        return _read_indexed(self._acts[self._layer(layer)], idx).astype(np.float32, copy=False)
+        k = self._layer(layer)
+        with self._reading(f"layer {k}", idx):
+            return _read_indexed(self._acts[k], idx).astype(np.float32, copy=False)
 
     def read_range(self, start: int, stop: int, layer: int | None = None) -> np.ndarray:
-        stop = min(stop, len(self))
-        if start < 0 or start > stop:
-            raise IndexError(f"bad range [{start}, {stop}) for store of {len(self)} rows")
-        return np.asarray(self._acts[self._layer(layer)][start:stop].read().result(), np.float32)
+        return self.read_raw(start, stop, layer).astype(np.float32, copy=False)
 
     def read_raw(self, start: int, stop: int, layer: int | None = None) -> np.ndarray:
         """Rows in the stored dtype (bf16 bit-exact), for export and round-trip checks."""
         stop = min(stop, len(self))
-        return self._acts[self._layer(layer)][start:stop].read().result()
+        if start < 0 or start > stop:
+            raise IndexError(f"bad range [{start}, {stop}) for store of {len(self)} rows")
+        k = self._layer(layer)
+        with self._reading(f"layer {k}", np.array([start, max(start, stop - 1)])):
+            return np.asarray(self._acts[k][start:stop].read().result())
+
+    @contextlib.contextmanager
+    def _reading(self, array: str, idx: np.ndarray):
+        """Turn a tensorstore read failure (checksum mismatch, truncated shard, unreadable
+        file) into one StoreError naming the store, the array and the damaged rows."""
+        try:
+            yield
+        except ValueError as e:
+            lo, hi, reason = self.damaged_rows(array, str(e), idx)
+            raise StoreError(
+                f"store {self.url}: {array} rows [{lo}, {hi}) cannot be read: {reason}. "
+                f"`glp store verify {self.url}` lists every damaged range; re-extract into a "
+                f"new store, or restore this one from a copy") from None
+
+    def damaged_rows(self, array: str, message: str, idx: np.ndarray) -> tuple[int, int, str]:
+        """(first row, end row, reason) of a failed read of `array` ("layer K", "token_ids",
+        "doc_ids"), from the shard key and chunk tensorstore names in `message`."""
+        shard = re.search(r"/c/(\d+)", message)
+        entry = re.search(r"shard entry \{(\d+)", message)
+        if "Digest mismatch" in message:
+            reason = "checksum mismatch (the bytes changed after they were written)"
+        else:
+            reason = message.splitlines()[0][:200]
+        if "shard index" in message or "Error decoding shard" in message:
+            reason = "the shard file is truncated or its index is corrupt"
+        if shard is None:
+            return int(idx.min()) if idx.size else 0, int(idx.max()) + 1 if idx.size else 0, reason
+        lo = int(shard[1]) * self.meta.shard_rows
+        hi = lo + self.meta.shard_rows
+        if entry is not None and "shard index" not in message:
+            chunk = next(c for label, _, _, c in self.arrays() if label == array)
+            lo += int(entry[1]) * chunk
+            hi = lo + chunk
+        return lo, min(hi, max(len(self), lo + 1)), reason
 
     def token_ids(self, idx=None) -> np.ndarray:
         return self._ids(self._token_ids, idx)
@@ -397,11 +469,22 @@ class ActivationStore:
         return self._ids(self._doc_ids, idx)
 
     def _ids(self, arr, idx) -> np.ndarray:
+        name = "token_ids" if arr is self._token_ids else "doc_ids"
         if idx is None:
-            return np.asarray(arr[: len(self)].read().result())
+            with self._reading(name, np.array([0, max(0, len(self) - 1)])):
+                return np.asarray(arr[: len(self)].read().result())
         idx = np.asarray(idx, np.int64).reshape(-1)
         self._check_indices(idx)
-        return _read_indexed(arr, idx)
+        with self._reading(name, idx):
+            return _read_indexed(arr, idx)
+
+    def arrays(self) -> list[tuple[str, str, ts.TensorStore, int]]:
+        """(label, folder, handle, rows per inner chunk) of every array, for verification."""
+        ids_chunk = min(1024, self.meta.shard_rows)
+        return ([(f"layer {k}", f"layer_{k}", self._acts[k], self.meta.chunk_rows)
+                 for k in self.meta.layers]
+                + [("token_ids", "token_ids", self._token_ids, ids_chunk),
+                   ("doc_ids", "doc_ids", self._doc_ids, ids_chunk)])
 
     # ----------------------------------------------------------------- summary
     def size_on_disk(self) -> int | None:
@@ -413,7 +496,8 @@ class ActivationStore:
 
     def info(self) -> dict:
         out = {"url": self.url, "rows": len(self), **dataclasses.asdict(self.meta),
-               "cursor": self.cursor, "size_on_disk_bytes": self.size_on_disk()}
+               "cursor": self.cursor, "size_on_disk_bytes": self.size_on_disk(),
+               "checksums": self.checksums()}
         out["stats"] = {}
         for k in self.meta.layers:
             mo = self.moments(k)
@@ -427,12 +511,20 @@ class ActivationStore:
         return out
 
 
+def _refuse_file(url: str) -> None:
+    if "://" not in str(url) and os.path.lexists(url) and not os.path.isdir(url):
+        raise StoreError(f"{url} exists and is not a folder; a store is a folder: pass a "
+                         f"new path (or an existing store folder) to --out")
+
+
 def _holds_store(url: str) -> bool:
     """True if `url` holds anything at all (so create() must not write over it)."""
+    from glp_jax.lock import LOCK_KEY
+
     if "://" not in str(url):
-        return os.path.isdir(url) and bool(os.listdir(url))
+        return os.path.isdir(url) and bool(set(os.listdir(url)) - {LOCK_KEY})
     kv = ts.KvStore.open(kvstore_spec(url), context=_context_for(url)).result()
-    return bool(kv.list().result())
+    return bool({k.decode() for k in kv.list().result()} - {LOCK_KEY})
 
 
 def _read_indexed(arr, idx: np.ndarray) -> np.ndarray:

@@ -102,12 +102,12 @@ def import_original(src: str, dst: str, model: str = "unknown (imported)", layer
     meta = StoreMeta(model=model, layers=[layer], d=reader.d,
                      dtype="bfloat16" if reader.dtype == np.int16 else "float32",
                      corpus=f"imported:{Path(src).name}", extra={"imported_from": str(src)})
-    store = ActivationStore.open_or_create(dst, meta)
-    bar = progress_bar(len(reader), "import", "row", enabled=progress, initial=len(store))
-    while len(store) < len(reader):  # resumable: continues from the committed row count
-        a, b = len(store), min(len(store) + ROWS_PER_APPEND, len(reader))
-        store.append({layer: reader.rows(a, b)}, np.full(b - a, -1, np.int32), doc_ids[a:b],
-                     cursor={"rows_imported": b})
-        bar.update(b - a)
-    bar.close()
+    with ActivationStore.open_for_writing(dst, meta, "glp store import-original") as store:
+        bar = progress_bar(len(reader), "import", "row", enabled=progress, initial=len(store))
+        while len(store) < len(reader):  # resumable: continues from the committed row count
+            a, b = len(store), min(len(store) + ROWS_PER_APPEND, len(reader))
+            store.append({layer: reader.rows(a, b)}, np.full(b - a, -1, np.int32), doc_ids[a:b],
+                         cursor={"rows_imported": b})
+            bar.update(b - a)
+        bar.close()
     return store

@@ -253,7 +253,8 @@ def extract_to_store(extractor: Extractor, corpus: Corpus | StreamingCorpus,
             diffs.append(f"{key}: store has {meta.extra.get(key)!r}, extraction asks "
                          f"{getattr(cfg, key)!r}")
     if diffs:
-        raise GLPError(f"extraction settings differ from store {store.url}:\n  " + "\n  ".join(diffs))
+        raise GLPError(f"extraction settings differ from store {store.url}: " + "; ".join(diffs)
+                       + ". Nothing was changed; use a new --out path, or rerun with the store's settings")
     if store.cursor.get("window_docs", window_docs) != window_docs:
         window_docs = store.cursor["window_docs"]  # resume with the batching that wrote it
     cursor = store.cursor or {"docs_done": 0, "doc_rows_done": 0}

@@ -41,11 +41,11 @@ def extract_stores(root: Path, rows: dict[str, int], *, model: str = "smollm2",
         cfg = ExtractConfig(model=model, corpus=corpus, split=split, max_length=max_length,
                             batch_tokens=batch_tokens, device=device,
                             layers=None if layer is None else [layer]).for_model(lm.n_layers)
-        store = ActivationStore.open_or_create(path, extraction_meta(cfg, lm.model_id, lm.d,
-                                                                     text.name))
-        print(f"[{tag}] extracting {n:,} {split} rows of layer {cfg.layers[0]} -> {store.url}",
-              flush=True)
-        extract_to_store(Extractor(lm, cfg), text, store, n)
+        meta = extraction_meta(cfg, lm.model_id, lm.d, text.name)
+        with ActivationStore.open_for_writing(path, meta, f"glp {tag} extraction") as store:
+            print(f"[{tag}] extracting {n:,} {split} rows of layer {cfg.layers[0]} -> "
+                  f"{store.url}", flush=True)
+            extract_to_store(Extractor(lm, cfg), text, store, n)
         stores[split] = store
     return stores
 
