@@ -19,7 +19,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import yaml
 
-from glp_jax.data.settings import BATCH_SIZE, FOLLOW_TIMEOUT_S, check_batch_size, check_mode
+from glp_jax.data.settings import (
+    BATCH_SIZE,
+    BLOCK_ROWS,
+    FOLLOW_TIMEOUT_S,
+    STREAMS,
+    WINDOW_ROWS,
+    check_batch_size,
+    check_mode,
+    check_shuffle_mode,
+)
 from glp_jax.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -52,6 +61,12 @@ class TrainConfig:
     data_mode: str = "single"  # single (each row once) | repeat | follow (live extraction)
     follow_timeout_s: float = FOLLOW_TIMEOUT_S
     data_threads: int = 4  # grain read threads; the prefetch depth is max(2, data_threads)
+    # shuffle: exact (a global index shuffle; random 8-row reads) | block (whole blocks read
+    # contiguously and shuffled in memory windows: glp_jax/data/blocks.py, BENCHMARKS.md)
+    data_shuffle: str = "exact"
+    shuffle_block_rows: int = BLOCK_ROWS
+    shuffle_streams: int = STREAMS  # a multiple of the process count
+    shuffle_window_rows: int = WINDOW_ROWS  # memory: ~3 windows x streams/process x d x 2 B
     # model (d_input defaults to the store's d; widths to 2d and 4d)
     d_input: int | None = None
     d_model: int | None = None
@@ -116,6 +131,7 @@ class TrainConfig:
             raise ConfigError(f"batch_size {self.batch_size} must be divisible by "
                               f"gradient_accumulation_steps {self.gradient_accumulation_steps}")
         check_mode(self.data_mode, "data_mode")
+        check_shuffle_mode(self.data_shuffle, "data_shuffle")
         if self.sigma_sampling not in ("discrete", "continuous"):
             raise ConfigError(f"sigma_sampling must be discrete or continuous, got {self.sigma_sampling!r}")
         if self.model not in MODELS:
@@ -150,7 +166,9 @@ class TrainConfig:
         return PipelineConfig(
             store=self.train_dataset, layers=self.layers, batch_size=self.batch_size,
             seed=self.seed, mode=self.data_mode, num_threads=self.data_threads,
-            prefetch=max(2, self.data_threads), follow_timeout_s=self.follow_timeout_s)
+            prefetch=max(2, self.data_threads), follow_timeout_s=self.follow_timeout_s,
+            shuffle_mode=self.data_shuffle, block_rows=self.shuffle_block_rows,
+            streams=self.shuffle_streams, window_rows=self.shuffle_window_rows)
 
     def epoch_checkpoints(self) -> list[int]:
         """Steps at which epoch_N checkpoints are kept (N in units of epoch_size activations)."""

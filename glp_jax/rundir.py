@@ -30,7 +30,10 @@ METRICS_FILE, EVALS_DIR = "metrics.jsonl", "evals"
 
 # A rerun into an existing folder must agree on these, or it is another run.
 RESUME_KEYS = ("glp", "sae", "layers", "batch_size", "seed", "train_dataset", "data_mode",
-               "sigma_sampling", "learning_rate", "num_steps", "num_activations")
+               "sigma_sampling", "learning_rate", "num_steps", "num_activations", "data_shuffle",
+               "shuffle_block_rows", "shuffle_streams", "shuffle_window_rows")
+# What a run.json written before a key existed meant by it.
+RESUME_DEFAULTS = {"data_shuffle": "exact"}
 
 
 def write_atomic(path, data: bytes | str) -> None:
@@ -181,8 +184,12 @@ class RunDir:
     def check_resumable(self, now: dict) -> None:
         """A rerun into an existing run directory must be the same run, on the same data."""
         saved = self.resolved()
-        diffs = [f"{k}: run has {saved.get(k)!r}, now {now.get(k)!r}"
-                 for k in RESUME_KEYS if saved.get(k) != now.get(k)]
+        def was(k):
+            return saved.get(k, RESUME_DEFAULTS.get(k))
+
+        keys = [k for k in RESUME_KEYS  # block-shuffle sizes matter only to block runs
+                if not (k.startswith("shuffle_") and now.get("data_shuffle") != "block")]
+        diffs = [f"{k}: run has {was(k)!r}, now {now.get(k)!r}" for k in keys if was(k) != now.get(k)]
         if saved.get("model", "glp") != now.get("model", "glp"):  # runs before SAEs: glp
             diffs.insert(0, f"model: run has {saved.get('model', 'glp')!r}, now {now.get('model')!r}")
         if now.get("data_mode") != "follow" and saved.get("train_rows") != now.get("train_rows"):

@@ -61,14 +61,25 @@ the interpreter exits.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import grain
 import numpy as np
 
+from glp_jax.data.blocks import BlockPlan, WindowCache
 from glp_jax.data.follow import FollowIterator, wait_for_block
-from glp_jax.data.settings import BATCH_SIZE, FOLLOW_TIMEOUT_S, MODES, check_batch_size, check_mode
+from glp_jax.data.settings import (
+    BATCH_SIZE,
+    BLOCK_ROWS,
+    FOLLOW_TIMEOUT_S,
+    MODES,
+    STREAMS,
+    WINDOW_ROWS,
+    check_batch_size,
+    check_mode,
+    check_shuffle_mode,
+)
 from glp_jax.data.shuffle import index_shuffle
 from glp_jax.data.stats import Moments
 from glp_jax.data.store import ActivationStore
@@ -109,6 +120,10 @@ class PipelineConfig:
     seed: int = 0
     mode: str = "repeat"  # single | repeat | follow
     shuffle: bool = True  # False: rows in store order (eval passes, contiguous reads)
+    shuffle_mode: str = "exact"  # exact: global index shuffle | block: blocks.py (fast reads)
+    block_rows: int = BLOCK_ROWS  # block: consecutive examples per read
+    streams: int = STREAMS  # block: independent streams per batch (a multiple of processes)
+    window_rows: int = WINDOW_ROWS  # block: rows per stream shuffled in memory at once
     drop_remainder: bool = True  # False: a last short batch (single process only)
     num_threads: int = 2  # grain ReadOptions.num_threads (reads release the GIL)
     prefetch: int = 2  # batches buffered ahead per process
@@ -136,6 +151,7 @@ class PipelineConfig:
             raise ConfigError(f"min_var must be positive, got {self.min_var}")
         if self.layers is not None and (not self.layers or len(set(self.layers)) != len(self.layers)):
             raise ConfigError(f"layers must be a non-empty list of distinct ints, got {self.layers}")
+        check_shuffle_mode(self.shuffle_mode)
         if self.mode == "follow":
             if len(self.urls) != 1:
                 raise ConfigError(f"follow mode reads one store, got {len(self.urls)}: {self.urls}")
@@ -206,6 +222,52 @@ class _Reader:
         return out
 
 
+    def start_window(self, ranges: list[tuple[int, int]], rows_total: int,
+                     perm: Callable[[int], np.ndarray]) -> _PendingWindow:
+        """Issue the reads of example ranges [e0, e1) (block shuffle) in the stored dtype."""
+        stores = self.stores()
+        parts = []
+        for e0, e1 in ranges:
+            while e0 < e1:  # split at layer and store boundaries: one contiguous read each
+                p, r0 = divmod(e0, rows_total)
+                s = int(np.searchsorted(self.offsets, r0, side="right")) - 1
+                r1 = min(r0 + (e1 - e0), rows_total, int(self.offsets[s + 1]))
+                off = int(self.offsets[s])
+                parts.append((p, r0, stores[s].read_raw_future(r0 - off, r1 - off,
+                                                               int(self.layers[p]))))
+                e0 += r1 - r0
+        return _PendingWindow(parts, perm, len(self.layers) > 1)
+
+    def normalize(self, raw: np.ndarray, lpos: np.ndarray | None) -> np.ndarray:
+        if lpos is None:
+            return z_normalize(raw, self.mean32[0], self.std32[0])
+        x = np.empty(raw.shape, np.float32)
+        for p in np.unique(lpos):
+            sel = np.flatnonzero(lpos == p)
+            x[sel] = z_normalize(raw[sel], self.mean32[p], self.std32[p])
+        return x
+
+
+class _PendingWindow:
+    """A block-shuffle window being read; `finish()` -> (raw rows, store rows, layer
+    positions or None), permuted into batch order."""
+
+    def __init__(self, parts, perm: Callable[[int], np.ndarray], multi: bool):
+        self.parts, self.perm, self.multi = parts, perm, multi
+
+    def finish(self):
+        raws = [f.result() for _, _, f in self.parts]
+        rows = np.concatenate([np.arange(r0, r0 + len(x), dtype=np.int64)
+                               for (_, r0, _), x in zip(self.parts, raws, strict=True)])
+        order = self.perm(rows.size)
+        raw = np.concatenate(raws)[order]
+        lpos = None
+        if self.multi:
+            lpos = np.concatenate([np.full(len(x), p, np.int32)
+                                   for (p, _, _), x in zip(self.parts, raws, strict=True)])[order]
+        return raw, rows[order], lpos
+
+
 @dataclass(frozen=True)
 class _Plan:
     """Which examples local batch j holds (single/repeat), as grain would batch them:
@@ -240,6 +302,56 @@ class _ReadBatch(grain.transforms.MapWithIndex):
         del element  # the batch number is the index (epochs included under repeat)
         ex = self.plan.examples_of(index)
         return self.reader.read(*split_examples(ex, self.plan.rows, len(self.reader.layers)))
+
+
+class _ReadBlockBatch(grain.transforms.MapWithIndex):
+    """grain transform for the block shuffle: local batch number -> batch dict, sliced from
+    this process's permuted windows (blocks.py), which are read whole and read ahead."""
+
+    def __init__(self, plan: BlockPlan, reader: _Reader, rows: int, streams: range):
+        self.plan, self.reader, self.rows, self.streams = plan, reader, rows, streams
+        self._cache = None
+        self._lock = threading.Lock()
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_cache"], state["_lock"] = None, None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def _start(self, epoch: int, stream: int, window: int) -> _PendingWindow:
+        a, b = self.plan.window_span(stream, window)
+        return self.reader.start_window(
+            self.plan.sequence_ranges(epoch, a, b), self.rows,
+            lambda n: self.plan.window_perm(epoch, stream, window, n))
+
+    def cache(self) -> WindowCache:
+        if self._cache is None:
+            with self._lock:
+                if self._cache is None:
+                    self._cache = WindowCache(self.plan, self._start)
+        return self._cache
+
+    def map_with_index(self, index: int, element):
+        del element
+        epoch, pieces = self.plan.pieces(index)
+        raws, rows, lpos = [], [], []
+        for s, w, o0, o1 in pieces:
+            if s in self.streams:
+                raw, r, lp = self.cache().get(epoch, s, w)
+                raws.append(raw[o0:o1])
+                rows.append(r[o0:o1])
+                lpos.append(lp[o0:o1] if lp is not None else None)
+        lp = None if lpos[0] is None else np.concatenate(lpos)
+        out = {"x": self.reader.normalize(np.concatenate(raws), lp),
+               "index": np.concatenate(rows)}
+        if lp is not None:
+            out["layer"] = lp
+            out["llm_layer"] = self.reader.layers[lp]
+        return out
 
 
 def _mark_absl_flags_parsed() -> None:
@@ -421,15 +533,38 @@ def build_pipeline(cfg: PipelineConfig, process_index: int | None = None,
             mo = mo.merge(s.moments(k))
         mean.append(mo.mean)
         std.append(std_from_var(mo.var, cfg.min_var))
-    plan = _Plan(examples, rows, cfg.batch_size, cfg.batch_size // process_count, process_index,
-                 batches, cfg.seed, cfg.shuffle)
+    block = cfg.shuffle and cfg.shuffle_mode == "block"
+    if block:
+        read = _block_reader(cfg, examples, rows, process_index, process_count)
+        batches = read.plan.batches
+    else:
+        read = _ReadBatch(_Plan(examples, rows, cfg.batch_size, cfg.batch_size // process_count,
+                                process_index, batches, cfg.seed, cfg.shuffle), None)
     pipe = Pipeline(cfg, process_index, process_count, stores, layers, d, offsets, batches, None,
                     np.stack(mean), np.stack(std))
+    read.reader = pipe.reader(share_stores=True)
     ds = grain.MapDataset.range(batches)
     if cfg.mode == "repeat":
         ds = ds.repeat()
-    pipe.dataset = ds.map_with_index(_ReadBatch(plan, pipe.reader(share_stores=True)))
+    pipe.dataset = ds.map_with_index(read)
     return pipe
+
+
+def _block_reader(cfg: PipelineConfig, examples: int, rows: int, process_index: int,
+                  process_count: int) -> _ReadBlockBatch:
+    """The block-shuffle transform of this process (its streams; the reader is set later)."""
+    if not cfg.drop_remainder:
+        raise ConfigError("shuffle_mode=block always drops the remainder (drop_remainder=True)")
+    if cfg.streams % process_count:
+        raise ConfigError(f"shuffle_streams {cfg.streams} is not a multiple of the "
+                          f"{process_count} processes; each process reads whole streams")
+    if cfg.batch_size % cfg.streams:
+        raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by shuffle_streams "
+                          f"{cfg.streams}")
+    plan = BlockPlan(examples, cfg.block_rows, cfg.streams, cfg.window_rows,
+                     cfg.batch_size // cfg.streams, cfg.seed)
+    per = cfg.streams // process_count
+    return _ReadBlockBatch(plan, None, rows, range(process_index * per, (process_index + 1) * per))
 
 
 def make_iterator(cfg: PipelineConfig, process_index: int | None = None,

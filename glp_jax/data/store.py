@@ -428,6 +428,14 @@ class ActivationStore:
         with self._reading(f"layer {k}", np.array([start, max(start, stop - 1)])):
             return np.asarray(self._acts[k][start:stop].read().result())
 
+    def read_raw_future(self, start: int, stop: int, layer: int | None = None) -> PendingRead:
+        """Start reading rows [start, stop) in the stored dtype; `.result()` waits for them.
+        Many reads in flight at once overlap their I/O (the block-shuffle loader)."""
+        if not 0 <= start <= stop <= len(self):
+            raise IndexError(f"bad range [{start}, {stop}) for store of {len(self)} rows")
+        k = self._layer(layer)
+        return PendingRead(self, f"layer {k}", start, stop, self._acts[k][start:stop].read())
+
     @contextlib.contextmanager
     def _reading(self, array: str, idx: np.ndarray):
         """Turn a tensorstore read failure (checksum mismatch, truncated shard, unreadable
@@ -509,6 +517,18 @@ class ActivationStore:
                 "min_std": float(mo.std.min()) if mo.count else None,
             }
         return out
+
+
+class PendingRead:
+    """A read in flight; `result()` gives the rows or the one-line StoreError."""
+
+    def __init__(self, store: ActivationStore, array: str, start: int, stop: int, future):
+        self._store, self._array, self._span, self._future = store, array, (start, stop), future
+
+    def result(self) -> np.ndarray:
+        a, b = self._span
+        with self._store._reading(self._array, np.array([a, max(a, b - 1)])):
+            return np.asarray(self._future.result())
 
 
 def _refuse_file(url: str) -> None:
