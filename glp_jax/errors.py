@@ -1,4 +1,6 @@
-"""Exceptions whose messages name the problem and the fix."""
+"""Exceptions whose messages name the problem and the fix, and the one-line warning."""
+
+import sys
 
 
 class GLPError(Exception):
@@ -23,3 +25,19 @@ class ConfigError(GLPError):
 
 class CheckpointError(GLPError):
     """A checkpoint is missing, partial or incompatible."""
+
+
+class CheckpointCorruptError(CheckpointError):
+    """One checkpoint step cannot be used: a file differs from the digest written when it was
+    saved (missing, truncated, altered), or orbax cannot restore it. `run`, `step` and
+    `reason` (one line) say which and why; `verified` is True when the step's files did
+    match their digest (orbax failed on intact files: not damage, another version)."""
+
+    def __init__(self, message: str, run: str, step: int, reason: str, verified: bool = False):
+        super().__init__(message)
+        self.run, self.step, self.reason, self.verified = run, step, reason, verified
+
+
+def warn(msg: str) -> None:
+    """One line on stderr: `glp: warning: {msg}`."""
+    print(f"glp: warning: {msg}", file=sys.stderr, flush=True)
