@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from glp_jax import flow
-from glp_jax.errors import CheckpointError
+from glp_jax.errors import CheckpointCorruptError, CheckpointError, warn
 from glp_jax.layers import layer_position
 from glp_jax.model import GLP, GLPConfig, Normalizer, abstract_glp
 from glp_jax.sae import LoadedSAE, SAEConfig, abstract_sae
@@ -109,23 +109,44 @@ def load(run_dir: str | Path, step: int | str = "latest") -> LoadedGLP | LoadedS
 
 
 def _restore_module(run, run_dir, abstract_module, step):
-    """(module with the checkpoint's parameters, step) of one of our runs."""
+    """(module with the checkpoint's parameters, step) of one of our runs. 'latest' takes the
+    newest intact step (a corrupt newer one is skipped with a warning); an explicit step is
+    restored exactly or raises."""
     from glp_jax.checkpoint import RunCheckpoints, abstract_with_shardings
     from glp_jax.sharding import make_mesh, tree_shardings
 
     ckpt = RunCheckpoints(run_dir, async_save=False, keep_last_n=10**9)
-    step_n = run.step_of(step)
-    if step_n is None:
-        step_n = ckpt.latest_step()
-        if step_n is None:
+    try:
+        step_n = run.step_of(step)
+        candidates = [step_n] if step_n is not None else sorted(ckpt.all_steps(), reverse=True)
+        if not candidates:
             raise CheckpointError(f"{run_dir} has no complete checkpoint yet")
-    mesh = make_mesh(-1, 1)
-    with jax.set_mesh(mesh):
-        graphdef, abs_params = nnx.split(abstract_module)
-        params = ckpt.restore_params(
-            step_n, abstract_with_shardings(abs_params, tree_shardings(abs_params, mesh)))
-    ckpt.close()
+        mesh = make_mesh(-1, 1)
+        with jax.set_mesh(mesh):
+            graphdef, abs_params = nnx.split(abstract_module)
+            target = abstract_with_shardings(abs_params, tree_shardings(abs_params, mesh))
+            if step_n is not None:
+                params = ckpt.restore_params(step_n, target)
+            else:
+                params, step_n, corrupt = _restore_newest(ckpt, target, candidates, run_dir)
+                for e in corrupt:
+                    warn(f"checkpoint step {e.step} of {run_dir} is corrupt ({e.reason}); "
+                         f"using step {step_n}")
+    finally:
+        ckpt.close()
     return nnx.merge(graphdef, params), step_n
+
+
+def _restore_newest(ckpt, target, steps, run_dir):
+    """(params, step, the corrupt steps skipped) of the newest step that restores."""
+    corrupt = []
+    for s in steps:
+        try:
+            return ckpt.restore_params(s, target, suggest=False), s, corrupt
+        except CheckpointCorruptError as e:
+            corrupt.append(e)
+    raise CheckpointError(f"no intact checkpoint in {run_dir}: tried " + "; ".join(
+        f"step {e.step} ({e.reason})" for e in corrupt))
 
 
 def _load_ours(run_dir: Path, step) -> LoadedGLP | LoadedSAE:

@@ -116,6 +116,7 @@ class TrainConfig:
     epoch_size: int = 1_000_000  # activations per "epoch" (log-spaced epoch_N checkpoints)
     save_epochs: str | list[int] = "log2"  # log2 = 1, 2, 4, ... epochs; or an explicit list
     async_checkpointing: bool = True
+    checkpoint_digest: bool = True  # size + CRC-32 of every checkpoint file, checked on restore
     peak_flops: float | None = None  # per device, for MFU; None = not reported
     progress: bool = True
 

@@ -1,4 +1,6 @@
-"""Exceptions whose messages name the problem and the fix."""
+"""Exceptions whose messages name the problem and the fix, and the one-line warning."""
+
+import sys
 
 
 class GLPError(Exception):
@@ -26,7 +28,14 @@ class CheckpointError(GLPError):
 
 
 class CheckpointCorruptError(CheckpointError):
-    """A checkpoint's files are truncated or altered (its digest or its restore failed)."""
+    """One checkpoint step cannot be used: a file differs from the digest written when it was
+    saved (missing, truncated, altered), or orbax cannot restore it. `run`, `step` and
+    `reason` (one line) say which and why; `verified` is True when the step's files did
+    match their digest (orbax failed on intact files: not damage, another version)."""
+
+    def __init__(self, message: str, run: str, step: int, reason: str, verified: bool = False):
+        super().__init__(message)
+        self.run, self.step, self.reason, self.verified = run, step, reason, verified
 
 
 class WriterLockedError(GLPError):
@@ -38,7 +47,5 @@ class WriterLockLostError(GLPError):
 
 
 def warn(msg: str) -> None:
-    """One `glp: warning:` line on stderr (readable in logs, no Python warning machinery)."""
-    import sys
-
+    """One line on stderr: `glp: warning: {msg}` (readable in logs, no warnings machinery)."""
     print(f"glp: warning: {msg}", file=sys.stderr, flush=True)

@@ -459,13 +459,16 @@ def _train(cfg: TrainConfig, mesh, stop_after_steps: int | None, lock: WriterLoc
         epoch_steps = {epoch_step(e, cfg.epoch_size, cfg.batch_size): e
                        for e in cfg.epoch_checkpoints()}
         ckpt = RunCheckpoints(run_dir, cfg.keep_last_n, cfg.async_checkpointing,
-                              keep_steps=sorted(epoch_steps))
+                              keep_steps=sorted(epoch_steps), digest=cfg.checkpoint_digest)
         it = pipe.make_iterator()
-        start = ckpt.latest_step() or 0
-        if start:  # restore straight into the shards: no initialised copy alongside
+        start, restored = 0, None
+        if ckpt.latest_step():  # restore straight into the shards: no initialised copy alongside
             target = abstract_with_shardings(
                 _ckpt_state(abs_params, abs_opt, abs_stats), _ckpt_state(p_shard, o_shard, s_shard))
-            state, data_state, _ = ckpt.restore(start, target)
+            # the newest intact step; corrupt newer ones go to checkpoints_corrupt/ (warned)
+            start, restored = ckpt.restore_newest_intact(target, move_aside=primary)
+        if start:
+            state, data_state, _ = restored
             params, opt_state = state["params"], state["opt_state"]
             stats = state.get("stats")
             it.set_state(data_state)
