@@ -80,6 +80,8 @@ def cmd_store_info(args) -> int:
     print(f"corpus:  {info['corpus']} [{info['split']}]   policy: {info['token_policy']}   "
           f"max_length: {info['max_length']}   seed: {info['seed']}")
     print(f"size:    {'n/a' if size is None else f'{size / 2**20:.1f} MiB'}")
+    print(f"layout:  shards of {info['shard_rows']:,} rows, inner chunks of {info['chunk_rows']} "
+          f"rows (a random row costs one chunk read)")
     print(f"checks:  {_CHECKSUMS[info['checksums']]}")
     print(f"created: {info['created_by']}")
     for k, s in info["stats"].items():

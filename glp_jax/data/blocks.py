@@ -185,3 +185,14 @@ class _Entry:
                 self._value = self._pending.finish()
                 self._pending = None
             return self._value
+
+
+def same_document_pair_fraction(doc_ids: np.ndarray) -> float:
+    """Fraction of a batch's unordered row pairs that come from the same document: what a
+    block shuffle raises above a uniform shuffle (BENCHMARKS.md)."""
+    doc_ids = np.asarray(doc_ids).reshape(-1)
+    n = doc_ids.size
+    if n < 2:
+        return 0.0
+    _, counts = np.unique(doc_ids, return_counts=True)
+    return float((counts * (counts - 1)).sum() / (n * (n - 1)))

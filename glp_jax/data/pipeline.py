@@ -393,6 +393,7 @@ class Pipeline:
     dataset: grain.MapDataset | None  # local batches (single/repeat); None in follow mode
     _mean: np.ndarray | None = None
     _std: np.ndarray | None = None
+    transform: grain.transforms.MapWithIndex | None = None  # batch number -> batch dict
     _stats_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -543,6 +544,7 @@ def build_pipeline(cfg: PipelineConfig, process_index: int | None = None,
     pipe = Pipeline(cfg, process_index, process_count, stores, layers, d, offsets, batches, None,
                     np.stack(mean), np.stack(std))
     read.reader = pipe.reader(share_stores=True)
+    pipe.transform = read
     ds = grain.MapDataset.range(batches)
     if cfg.mode == "repeat":
         ds = ds.repeat()
