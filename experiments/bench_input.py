@@ -35,6 +35,8 @@ def build(root: str, rows: int, d: int, chunk_rows: int, shard_rows: int,
           seed: int = 0) -> tuple[str, str]:
     """A store and a .npy (uint16 view of the same bf16 values); returns their paths."""
     url, npy = os.path.join(root, f"store_c{chunk_rows}"), os.path.join(root, "acts.npy")
+    if os.path.exists(npy) and os.path.exists(url) and len(ActivationStore.open(url)) == rows:
+        return url, npy  # --root: reuse what an earlier run built
     store = ActivationStore.create(url, StoreMeta(model="bench", layers=[0], d=d,
                                                   chunk_rows=chunk_rows, shard_rows=shard_rows))
     make_npy = not os.path.exists(npy)
@@ -109,6 +111,7 @@ def main() -> None:
     ap.add_argument("--streams", type=int, default=8)
     ap.add_argument("--window-rows", type=int, default=None, help="default: the library's")
     ap.add_argument("--threads", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=3, help="median of this many (interleaved)")
     ap.add_argument("--cold", action="store_true", help="also with the page cache dropped")
     ap.add_argument("--root", default=None, help="keep the data here (default: a temp dir)")
     args = ap.parse_args()
@@ -124,7 +127,7 @@ def main() -> None:
     npy = stores[chunks[0]][1]
     gib = args.rows * args.d * 2 / 2**30
     print(f"# input benchmark: {args.rows:,} rows x d={args.d} bf16 ({gib:.2f} GiB), shards of "
-          f"{args.shard_rows} rows, batch {args.batch}, {args.batches} batches per figure, "
+          f"{args.shard_rows} rows, batch {args.batch}, {args.batches} batches per figure (median of {args.repeats}), "
           f"{args.threads} read threads, {os.cpu_count()} CPU cores; block shuffle: {args.streams} "
           f"streams, windows of {window} rows")
     print(f"build: {time.perf_counter() - t:.1f} s")
@@ -147,16 +150,24 @@ def main() -> None:
         url = stores[c][0]
         st = ActivationStore.open(url)
         mean, std = st.mean(0), np.sqrt(st.var(0))
-        exact, _ = pipeline_rows(PipelineConfig(store=url, **base), max(4, args.batches // 4))
+        exact = np.median([pipeline_rows(PipelineConfig(store=url, **base),
+                                         max(4, args.batches // 8))[0]
+                           for _ in range(args.repeats)])
         for br in blocks:
             cfg = PipelineConfig(store=url, shuffle_mode="block", block_rows=br,
                                  streams=args.streams, window_rows=window, **base)
-            rate, rows = pipeline_rows(cfg, args.batches)
-            ref = numpy_rows(npy, rows, mean, std)
-            row(c, f"block shuffle, blocks of {br}", rate, ref)
-            if args.cold and drop_caches():
+            rates, refs, colds = [], [], []
+            for _ in range(args.repeats):  # interleaved: both see the same machine load
+                rate, rows = pipeline_rows(cfg, args.batches)
+                rates.append(rate)
+                refs.append(numpy_rows(npy, rows, mean, std))
+                if args.cold and drop_caches():
+                    colds.append(pipeline_rows(cfg, args.batches)[0])
+            ref = float(np.median(refs))
+            row(c, f"block shuffle, blocks of {br}", float(np.median(rates)), ref)
+            if colds:
                 row(c, f"block shuffle, blocks of {br}, page cache dropped",
-                    pipeline_rows(cfg, args.batches)[0], ref)
+                    float(np.median(colds)), ref)
         row(c, "exact global shuffle", exact, ref)
         row(c, "numpy memmap, same rows as the block shuffle (warm)", ref, ref)
     if not args.root:

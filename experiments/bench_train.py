@@ -7,6 +7,7 @@
 FLOPs per activation count the exact matmuls of forward + backward (3x forward).
 
     .venv/bin/python experiments/bench_train.py [--store runs/demo/acts_train] [--n-layers 3]
+        [--shuffle block]
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--store", default=None)
+    ap.add_argument("--shuffle", default="exact", choices=["exact", "block"],
+                    help="the pipeline's shuffle for the fed loop")
+    ap.add_argument("--threads", type=int, default=4, help="read threads (TrainConfig default)")
     args = ap.parse_args()
 
     dtype = jnp.bfloat16 if args.bf16 else jnp.float32
@@ -62,7 +66,8 @@ def main() -> None:
         from glp_jax.data.pipeline import PipelineConfig, build_pipeline  # grain: only here
 
         pipe = build_pipeline(PipelineConfig(store=args.store, batch_size=args.batch, mode="repeat",
-                                             num_threads=2, prefetch=2))
+                                             num_threads=args.threads, prefetch=args.threads,
+                                             shuffle_mode=args.shuffle))
         it = pipe.make_iterator()
 
         def fed():
@@ -73,7 +78,7 @@ def main() -> None:
 
         t_loop = timed(fed, args.steps)
         r = args.batch / t_loop
-        rows.append(("step fed by the grain pipeline", r, r * flops_act))
+        rows.append((f"step fed by the grain pipeline ({args.shuffle} shuffle)", r, r * flops_act))
     print(f"GLP d_input={args.d} widths {gcfg.width}/{gcfg.mlp_width}, {args.n_layers} blocks, "
           f"{param_count(gcfg):,} params, batch {args.batch}, {jax.devices()[0].device_kind} "
           f"x{jax.device_count()}")
@@ -81,6 +86,8 @@ def main() -> None:
     print("|---|---|---|---|")
     for name, r, fl in rows:
         print(f"| {name} | {'' if r is None else f'{r:,.0f}'} | {fl / 1e9:,.1f} | {fl / peak:.2f} |")
+    if args.store:
+        print(f"\nfed / device-resident batch: {rows[-1][1] / rows[1][1]:.3f}")
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ class TrainConfig:
     data_shuffle: str = "exact"
     shuffle_block_rows: int = BLOCK_ROWS
     shuffle_streams: int = STREAMS  # a multiple of the process count
-    shuffle_window_rows: int = WINDOW_ROWS  # memory: ~3 windows x streams/process x d x 2 B
+    shuffle_window_rows: int = WINDOW_ROWS  # memory: 2 windows x streams/process x d x 2 B
     # model (d_input defaults to the store's d; widths to 2d and 4d)
     d_input: int | None = None
     d_model: int | None = None

@@ -202,3 +202,16 @@ def test_training_resumes_exactly_in_block_mode(one, tmp_path):
     la = [r["loss"] for r in read_metrics(tmp_path / "a" / "metrics.jsonl")]
     lb = [r["loss"] for r in read_metrics(tmp_path / "b" / "metrics.jsonl")]
     assert len(la) == 12 and la == lb
+
+
+def test_each_process_reads_only_its_streams(one):
+    url, _ = one
+    cfg = _cfg(url, mode="repeat")
+    for pi in range(2):
+        pipe = build_pipeline(cfg, pi, 2)
+        it = pipe.make_iterator()
+        for _ in range(10):
+            next(it)
+        it.close()
+        read = {k[0] for k in pipe.transform.cache()._entries}
+        assert read == {2 * pi, 2 * pi + 1}

@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,8 +80,13 @@ class BlockPlan:
     def n_blocks(self) -> int:
         return -(-self.examples // self.block_rows)
 
-    def windows_per_stream(self) -> int:
-        return -(-self.stream_len // self.window_rows)
+    def shift(self, stream: int) -> int:
+        """Stream s's windows start s * W / S rows early (the first one is short), so the
+        streams' windows fall due at different batches, not all at once."""
+        return stream * self.window_rows // self.streams
+
+    def windows_per_stream(self, stream: int = 0) -> int:
+        return -(-(self.stream_len + self.shift(stream)) // self.window_rows)
 
     def sequence_ranges(self, epoch: int, start: int, stop: int) -> list[tuple[int, int]]:
         """Example ranges [e0, e1) (each contiguous in the store) at sequence positions
@@ -98,9 +104,9 @@ class BlockPlan:
 
     def window_span(self, stream: int, window: int) -> tuple[int, int]:
         """Sequence positions [start, stop) of a stream's window."""
-        base = stream * self.stream_len
-        start = window * self.window_rows
-        return base + start, base + min(start + self.window_rows, self.stream_len)
+        base, shift = stream * self.stream_len, self.shift(stream)
+        start = max(0, window * self.window_rows - shift)
+        return base + start, base + min((window + 1) * self.window_rows - shift, self.stream_len)
 
     def window_perm(self, epoch: int, stream: int, window: int, n: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch, stream, window, 0x5EED]).permutation(n)
@@ -113,10 +119,12 @@ class BlockPlan:
         out = []
         for s in range(self.streams):
             p0, p1 = jj * self.stream_batch, (jj + 1) * self.stream_batch
+            shift = self.shift(s)
             while p0 < p1:
-                w, o0 = divmod(p0, self.window_rows)
-                take = min(p1 - p0, self.window_rows - o0)
-                out.append((s, w, o0, o0 + take))
+                w = (p0 + shift) // self.window_rows
+                start = max(0, w * self.window_rows - shift)
+                take = min(p1 - p0, (w + 1) * self.window_rows - shift - p0)
+                out.append((s, w, p0 - start, p0 - start + take))
                 p0 += take
         return epoch, out
 
@@ -145,26 +153,36 @@ class WindowCache:
 
     `start(epoch, stream, window)` issues the reads of a window and returns an object whose
     `finish()` waits for them and returns the permuted window; `get` returns a finished
-    window and starts the one after it, so reads overlap the batches of the current one.
+    window and has a background thread read and permute the one after it, so that work
+    overlaps the batches of the current one.
     At most `keep` windows per stream stay in memory. Thread-safe (grain read threads)."""
 
-    def __init__(self, plan: BlockPlan, start: Callable, keep: int = 3):
+    def __init__(self, plan: BlockPlan, start: Callable, keep: int = 2):
         self.plan, self._start, self.keep = plan, start, max(2, keep)
         self._entries: dict[tuple[int, int, int], _Entry] = {}
         self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
 
-    def _next(self, epoch: int, window: int) -> tuple[int, int]:
-        if window + 1 < self.plan.windows_per_stream():
+    def _background(self) -> ThreadPoolExecutor:
+        """One worker thread (joined at interpreter exit, never killed inside a read)."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="glp-windows")
+        return self._pool
+
+    def _next(self, epoch: int, stream: int, window: int) -> tuple[int, int]:
+        if window + 1 < self.plan.windows_per_stream(stream):
             return epoch, window + 1
         return epoch + 1, 0
 
     def get(self, epoch: int, stream: int, window: int):
         key = (stream, epoch, window)
-        nxt = (stream, *self._next(epoch, window))
+        nxt = (stream, *self._next(epoch, stream, window))
         with self._lock:
             for k in (key, nxt):
                 if k not in self._entries:
                     self._entries[k] = _Entry(self._start, k[1], k[0], k[2])
+                    if k == nxt:  # read and finish it off the critical path
+                        self._background().submit(self._entries[k].get)
             mine = sorted(k for k in self._entries if k[0] == stream)
             for k in mine[: max(0, len(mine) - self.keep)]:
                 if k not in (key, nxt) and k < key:

@@ -9,9 +9,9 @@ MODES = ("single", "repeat", "follow")
 BATCH_SIZE = 4096  # global batch, summed over processes (the original recipe)
 FOLLOW_TIMEOUT_S = 600.0  # follow mode: give up after this long without a new commit
 SHUFFLE_MODES = ("exact", "block")
-BLOCK_ROWS = 4096  # block shuffle: consecutive examples per read (BENCHMARKS.md, input)
+BLOCK_ROWS = 1024  # block shuffle: consecutive examples per read (BENCHMARKS.md, input)
 STREAMS = 8  # block shuffle: streams per global batch (a multiple of the process count)
-WINDOW_ROWS = 65536  # block shuffle: rows per stream shuffled in memory at once
+WINDOW_ROWS = 16384  # block shuffle: rows per stream shuffled in memory at once
 
 
 def check_mode(mode: str, key: str = "mode") -> None:
