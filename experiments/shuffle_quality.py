@@ -81,8 +81,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     store = ActivationStore.open(args.train)
-    blocks = [(BLOCK_ROWS, STREAMS, WINDOW_ROWS), (1024, 8, 16384), (4096, 8, 16384),
-              (16384, 8, 65536), (4096, 1, 65536)]
+    blocks = list(dict.fromkeys([(BLOCK_ROWS, STREAMS, WINDOW_ROWS), (4096, 8, 16384),
+                                 (1024, 8, 65536), (16384, 8, 65536), (4096, 1, 65536)]))
     pairs = pair_fractions(store, args.batch, args.pair_batches, blocks)
     print(f"# rows sharing a document, batch {args.batch}, {args.pair_batches} batches, "
           f"{len(store):,} rows of {args.train}")
@@ -91,7 +91,7 @@ def main() -> None:
         print(f"| {r['shuffle']} | {r['fraction']:.2e} | {r['ratio']:.2f} |")
     result = {"pairs": pairs}
     if not args.no_train:
-        extra = ["n_layers=2", "d_model=256", "d_mlp=512", "batch_size=1024",
+        extra = ["n_layers=2", "d_model=256", "d_mlp=512", "batch_size=1024", "eval_rows=8192",
                  "learning_rate=1e-3", "eval_every_n_steps=64", "log_every_n_steps=64",
                  "save_every_n_steps=100000", "progress=false", "use_bf16=false"]
         seeds = [int(s) for s in args.seeds.split(",")]
@@ -109,7 +109,11 @@ def main() -> None:
                         + np.var(final["exact"], ddof=1) / len(seeds))
         print(f"\nblock - exact: {diff:+.4f} (standard error of the difference {noise:.4f}, "
               f"{abs(diff) / noise:.1f} SE)")
-        result["difference"] = {"block_minus_exact": float(diff), "standard_error": float(noise)}
+        paired = np.subtract(final["block"], final["exact"])  # same seed: same init, val rows
+        print(f"paired by seed: {', '.join(f'{d:+.4f}' for d in paired)} (mean {paired.mean():+.4f},"
+              f" std {paired.std(ddof=1):.4f})")
+        result["difference"] = {"block_minus_exact": float(diff), "standard_error": float(noise),
+                                "paired_by_seed": paired.tolist()}
         _plot(curves, out / "shuffle_quality.png")
         print(f"plot: {out / 'shuffle_quality.png'}")
     (out / "shuffle_quality.json").write_text(json.dumps(result, indent=1))

@@ -61,7 +61,7 @@ class TrainConfig:
     data_mode: str = "single"  # single (each row once) | repeat | follow (live extraction)
     follow_timeout_s: float = FOLLOW_TIMEOUT_S
     data_threads: int = 4  # grain read threads; the prefetch depth is max(2, data_threads)
-    # shuffle: exact (a global index shuffle; random 8-row reads) | block (whole blocks read
+    # shuffle: exact (a global index shuffle; random inner-chunk reads) | block (whole blocks read
     # contiguously and shuffled in memory windows: glp_jax/data/blocks.py, BENCHMARKS.md)
     data_shuffle: str = "exact"
     shuffle_block_rows: int = BLOCK_ROWS

@@ -3,6 +3,8 @@ once per epoch, exact values, seeded, independent of the process count, resumabl
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -47,13 +49,10 @@ def _cfg(store, **kw):
 
 def _batches(cfg, pi=0, pc=1, limit=None):
     it = build_pipeline(cfg, pi, pc).make_iterator()
-    out = []
-    for b in it:
-        out.append(b)
-        if limit is not None and len(out) == limit:
-            break
-    it.close()
-    return out
+    try:
+        return list(itertools.islice(it, limit))
+    finally:
+        it.close()
 
 
 def _examples(b, rows):

@@ -1,6 +1,6 @@
 """Block-window shuffle: training batches from large contiguous reads.
 
-The exact global shuffle reads every batch as thousands of random 8-row chunks, ~0.1 of
+The exact global shuffle reads every batch as thousands of random inner chunks, ~0.1 of
 what the storage delivers. This plan reads whole blocks of consecutive examples instead and
 shuffles them in memory, keeping every property the trainer relies on:
 

@@ -75,7 +75,7 @@ class StoreMeta:
     seed: int = 0
     created_by: str = field(default_factory=lambda: f"glp_jax {__version__}")
     shard_rows: int = 16384
-    chunk_rows: int = 8
+    chunk_rows: int = 32  # rows per inner chunk: BENCHMARKS.md (input) says why 32
     capacity: int = DEFAULT_CAPACITY
     extra: dict[str, Any] = field(default_factory=dict)
 
