@@ -164,6 +164,17 @@ def cmd_model_info(args) -> int:
     return 0
 
 
+def _parse_mesh(text: str) -> tuple[int, int]:
+    try:
+        kv = dict(item.split("=", 1) for item in text.replace(" ", "").split(","))
+        data, fsdp = int(kv.pop("data", 1)), int(kv.pop("fsdp", 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected data=A,fsdp=B, got {text!r}") from None
+    if kv or data < 1 or fsdp < 1:
+        raise argparse.ArgumentTypeError(f"expected data=A,fsdp=B with positive A, B, got {text!r}")
+    return data, fsdp
+
+
 def cmd_config_check(args) -> int:
     import dataclasses
 
@@ -171,7 +182,13 @@ def cmd_config_check(args) -> int:
     from glp_jax.model import GLPConfig, param_count
     from glp_jax.train import compile_step, glp_config_for
 
+    if args.mesh:  # before anything starts JAX: the simulated devices of the largest mesh
+        from glp_jax.memplan import use_simulated_devices
+
+        use_simulated_devices(max(d * f for d, f in args.mesh))
     cfg = load_config(args.overrides)
+    if args.batch:
+        cfg = dataclasses.replace(cfg, batch_size=args.batch)
     if cfg.d_input is None:
         from glp_jax.data.store import ActivationStore
 
@@ -180,6 +197,8 @@ def cmd_config_check(args) -> int:
     if cfg.model == "sae":
         return _config_check_sae(cfg, args)
     glp_cfg = glp_config_for(cfg, cfg.d_input, n_store_layers)
+    if args.mesh:
+        return _memory_plans(cfg, glp_cfg, args)
     n = param_count(glp_cfg)
     acts = cfg.total_steps * cfg.batch_size
     print(f"ok: {glp_cfg}")
@@ -203,6 +222,35 @@ def cmd_config_check(args) -> int:
               f"{res['compile_s']:.1f} s: exact matmul FLOPs {exact:.3e} (XLA's estimate "
               f"{res['flops']:.3e} counts the scanned blocks once); temp memory "
               f"{res['temp_bytes'] / 2**30:.2f} GiB, arguments {res['argument_bytes'] / 2**30:.2f} GiB")
+    return 0
+
+
+def _memory_plans(cfg, model_cfg, args) -> int:
+    """`glp config check --mesh ...`: the real step's memory per device on each mesh."""
+    from glp_jax.memplan import TARGETS, USABLE, GiB, fit, memory_plan, plan_table, target_bytes
+
+    plans, report = [], []
+    for data, fsdp in args.mesh:
+        if args.fit:
+            best, tried = fit(cfg, model_cfg, data, fsdp, args.fit)
+            plans += tried
+            name = TARGETS[args.fit][0] if args.fit in TARGETS else f"{args.fit} bytes"
+            report.append(f"mesh {data}x{fsdp}, {name}: " + (
+                f"fits with accum {best.accum}{' and remat' if best.remat else ''} (micro-batch "
+                f"{best.micro_batch_per_device} per device, {best.total_bytes / GiB:.2f} GiB of "
+                f"{USABLE:.0%} x {target_bytes(args.fit) / GiB:.2f} GiB)" if best else
+                "does not fit even at micro-batch 1 with remat: add fsdp devices"))
+        else:
+            plans.append(memory_plan(cfg, model_cfg, data, fsdp))
+    if args.json:
+        print(json.dumps({"config": str(model_cfg), "plans": [p.to_json() for p in plans],
+                          "targets": {k: v[1] for k, v in TARGETS.items()}}, indent=1))
+        return 0
+    print(f"{model_cfg}: {plans[0].params:,} params; per device, GiB (a plan fits a target when "
+          f"its total is within {USABLE:.0%} of the device's memory)")
+    print(plan_table(plans))
+    for line in report:
+        print(line)
     return 0
 
 
@@ -497,6 +545,14 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--compile", action="store_true", help="AOT-compile one step (reduced size)")
     chk.add_argument("--full", action="store_true", help="compile at full size (no allocation)")
     chk.add_argument("--shrink", type=int, default=32, help="width divisor for --compile")
+    chk.add_argument("--mesh", type=_parse_mesh, action="append", default=[],
+                     help="memory plan: compile the real step on data=A,fsdp=B simulated "
+                     "devices (repeatable) and print per-device memory")
+    chk.add_argument("--batch", type=positive_int, default=None, help="global batch to plan")
+    chk.add_argument("--fit", default=None, help="with --mesh: the largest micro-batch "
+                     "(accumulation, then remat) that fits this device: h100, h200, v5e, v5p, "
+                     "v6e, or a number of bytes")
+    chk.add_argument("--json", action="store_true", help="with --mesh: JSON for programs")
     chk.set_defaults(fn=cmd_config_check)
 
     ex = sub.add_parser("export", help="export a run to the original release's layout")

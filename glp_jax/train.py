@@ -659,6 +659,16 @@ def compile_step(cfg: TrainConfig, model_cfg: GLPConfig | SAEConfig, mesh=None) 
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
+    from glp_jax.memplan import shard_bytes
+
+    batch_bytes = shard_bytes([x] if layer is None else [x, layer],
+                              [x.sharding] if layer is None else [x.sharding, layer.sharding])
     return {"compile_s": seconds, "flops": float((cost or {}).get("flops", float("nan"))),
-            "temp_bytes": getattr(mem, "temp_size_in_bytes", None),
-            "argument_bytes": getattr(mem, "argument_size_in_bytes", None)}
+            "params": spec.param_count(),
+            "param_bytes": shard_bytes(abs_params, p_shard),
+            "opt_bytes": shard_bytes(abs_opt, o_shard) + shard_bytes(abs_stats, s_shard),
+            "batch_bytes": batch_bytes,
+            "temp_bytes": getattr(mem, "temp_size_in_bytes", 0),
+            "argument_bytes": getattr(mem, "argument_size_in_bytes", 0),
+            "output_bytes": getattr(mem, "output_size_in_bytes", 0),
+            "alias_bytes": getattr(mem, "alias_size_in_bytes", 0)}
