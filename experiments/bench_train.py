@@ -16,7 +16,8 @@ import argparse
 
 import jax
 import jax.numpy as jnp
-from benchlib import matmul_peak, timed
+import optax
+from benchlib import matmul_peak, matmul_times, roofline, timed
 from flax import nnx
 
 from glp_jax.config import make_config
@@ -35,6 +36,8 @@ def main() -> None:
     ap.add_argument("--shuffle", default="exact", choices=["exact", "block"],
                     help="the pipeline's shuffle for the fed loop")
     ap.add_argument("--threads", type=int, default=4, help="read threads (TrainConfig default)")
+    ap.add_argument("--decompose", action="store_true", help="also time the forward, the "
+                    "forward+backward and the optimizer update alone (where the step's time goes)")
     args = ap.parse_args()
 
     dtype = jnp.bfloat16 if args.bf16 else jnp.float32
@@ -57,6 +60,10 @@ def main() -> None:
         return loss
 
     t_step = timed(one, args.steps)
+    if args.decompose:
+        _decompose(graphdef, state["p"], tx, x, key, dtype, args.steps)
+    roof = roofline(gcfg, args.batch) if not args.bf16 else None
+    big = matmul_times(4096, 4096, 4096)
     flops_act = 3 * matmul_flops_per_example(gcfg)
     rate = args.batch / t_step
     rows = [(f"jnp.dot {n}^3 {jnp.dtype(dtype).name} (peak)", None, peak)]
@@ -82,12 +89,36 @@ def main() -> None:
     print(f"GLP d_input={args.d} widths {gcfg.width}/{gcfg.mlp_width}, {args.n_layers} blocks, "
           f"{param_count(gcfg):,} params, batch {args.batch}, {jax.devices()[0].device_kind} "
           f"x{jax.device_count()}")
+    print("4096^3 fp32 matmul GFLOP/s: " + ", ".join(
+        f"{lib} {2 * 4096**3 / t / 1e9:.1f}" for lib, t in big.items()))
+    if roof:
+        print(f"roofline at the step's own matmul shapes ({roof['flops'] / 1e9:.1f} GFLOP per "
+              f"step): best of numpy/torch/jnp.dot per shape {roof['best_s'] * 1e3:.1f} ms = "
+              f"{roof['flops'] / roof['best_s'] / 1e9:.1f} GFLOP/s; each alone: " + ", ".join(
+                  f"{lib} {s * 1e3:.1f} ms" for lib, s in roof["per_library_s"].items()))
+        print(f"step {t_step * 1e3:.1f} ms: {roof['best_s'] / t_step:.3f} of the roofline "
+              f"(matmuls alone at the best library's speed)")
     print("| what | activations/s | GFLOP/s | vs jnp.dot peak |")
     print("|---|---|---|---|")
     for name, r, fl in rows:
         print(f"| {name} | {'' if r is None else f'{r:,.0f}'} | {fl / 1e9:,.1f} | {fl / peak:.2f} |")
     if args.store:
         print(f"\nfed / device-resident batch: {rows[-1][1] / rows[1][1]:.3f}")
+
+
+def _decompose(graphdef, params, tx, x, key, dtype, reps: int) -> None:
+    """Forward, forward+backward and optimizer update, each jitted and timed alone."""
+    from glp_jax.train import glp_loss
+
+    loss = glp_loss(graphdef, compute_dtype=dtype, discrete=True)
+    fwd = jax.jit(lambda p: loss(p, x, None, key, None)[0])
+    grad = jax.jit(jax.value_and_grad(lambda p: loss(p, x, None, key, None)[0]))
+    grads = grad(params)[1]
+    upd = jax.jit(lambda g, o, p: optax.apply_updates(p, tx.update(g, o, p)[0]))
+    opt = tx.init(params)
+    print(f"alone: forward {timed(lambda: fwd(params), reps) * 1e3:.1f} ms, forward+backward "
+          f"{timed(lambda: grad(params), reps) * 1e3:.1f} ms, optimizer update + apply "
+          f"{timed(lambda: upd(grads, opt, params), reps) * 1e3:.1f} ms")
 
 
 if __name__ == "__main__":

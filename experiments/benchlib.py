@@ -26,3 +26,62 @@ def matmul_peak(dtype, n: int | None = None, reps: int = 5) -> tuple[float, int]
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
     dot = jax.jit(lambda a: a @ a)
     return 2 * n**3 / timed(lambda: dot(a), reps), n
+
+
+def linear_shapes(gcfg) -> list[tuple[int, int, int]]:
+    """(in, out, count) of every Linear a GLP applies per example (model.matmul_flops...)."""
+    d, D, H, L = gcfg.d_input, gcfg.width, gcfg.mlp_width, gcfg.n_layers
+    n_embed = 2 if gcfg.is_multi_layer else 1
+    return [(d, D, 1), (D, d, 1), (D, D, 2 * n_embed), (D, H, 3 * L), (H, D, L)]
+
+
+def step_matmuls(gcfg, batch: int) -> dict[tuple[int, int, int], int]:
+    """{(m, k, n): count} of a train step: each Linear's forward, input and weight grads."""
+    out: dict[tuple[int, int, int], int] = {}
+    for i, o, c in linear_shapes(gcfg):
+        for shape in ((batch, i, o), (batch, o, i), (i, batch, o)):
+            out[shape] = out.get(shape, 0) + c
+    return out
+
+
+def _time_min(fn, reps: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def matmul_times(m: int, k: int, n: int, reps: int = 3) -> dict[str, float]:
+    """Seconds of one fp32 [m, k] @ [k, n] in numpy, torch (all threads) and jnp.dot."""
+    import os
+
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    a = np.random.default_rng(0).standard_normal((m, k), np.float32)
+    b = np.random.default_rng(1).standard_normal((k, n), np.float32)
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    ja, jb = jnp.asarray(a), jnp.asarray(b)
+    dot = jax.jit(jnp.dot)
+    return {"numpy": _time_min(lambda: a @ b, reps),
+            "torch": _time_min(lambda: torch.mm(ta, tb), reps),
+            "jnp.dot": _time_min(lambda: dot(ja, jb).block_until_ready(), reps)}
+
+
+def roofline(gcfg, batch: int, reps: int = 3) -> dict:
+    """The machine's best matmul time for the step's own matmuls: per shape the fastest of
+    numpy, torch and jnp.dot, summed over the step; also each library alone."""
+    per_lib = {"numpy": 0.0, "torch": 0.0, "jnp.dot": 0.0}
+    best = 0.0
+    flops = 0
+    for (m, k, n), count in step_matmuls(gcfg, batch).items():
+        t = matmul_times(m, k, n, reps)
+        for lib, s in t.items():
+            per_lib[lib] += count * s
+        best += count * min(t.values())
+        flops += count * 2 * m * k * n
+    return {"best_s": best, "per_library_s": per_lib, "flops": flops}
