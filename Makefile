@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test test-slow demo reproduce lint bench clean
+.PHONY: install test test-slow demo reproduce lint bench bench-device clean
 
 install: $(STAMP)
 
@@ -35,6 +35,9 @@ reproduce: install
 
 lint: install
 	$(BIN)/ruff check glp_jax tests experiments
+
+bench-device: install  # on a GPU/TPU host: bf16 MFU of the paper shapes with their memory plan
+	$(BIN)/python experiments/bench_device.py
 
 bench: install
 	$(BIN)/python experiments/bench_extract.py
