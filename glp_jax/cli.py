@@ -67,6 +67,7 @@ def cmd_extract(args) -> int:
 
 def cmd_store_info(args) -> int:
     from glp_jax.data.store import ActivationStore
+    from glp_jax.data.verify import CHECKSUM_TEXT
 
     info = ActivationStore.open(args.path).info()
     if args.json:
@@ -82,7 +83,7 @@ def cmd_store_info(args) -> int:
     print(f"size:    {'n/a' if size is None else f'{size / 2**20:.1f} MiB'}")
     print(f"layout:  shards of {info['shard_rows']:,} rows, inner chunks of {info['chunk_rows']} "
           f"rows (a random row costs one chunk read)")
-    print(f"checks:  {_CHECKSUMS[info['checksums']]}")
+    print(f"checks:  {CHECKSUM_TEXT[info['checksums']]}")
     print(f"created: {info['created_by']}")
     for k, s in info["stats"].items():
         if s["count"]:
@@ -91,13 +92,6 @@ def cmd_store_info(args) -> int:
         else:
             print(f"layer {k}: empty")
     return 0
-
-
-_CHECKSUMS = {"chunks+index": "crc32c on every chunk and shard index (`glp store verify` reads "
-                               "them all)",
-              "index": "crc32c on shard indexes only (older store; `glp store verify` also "
-                       "compares statistics)",
-              "none": "no checksums"}
 
 
 def cmd_store_verify(args) -> int:

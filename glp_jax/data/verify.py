@@ -21,6 +21,11 @@ from glp_jax.data.store import ActivationStore
 from glp_jax.kv import child_spec, context_for, kvstore_spec
 from glp_jax.progress import progress_bar
 
+# What ActivationStore.checksums() means, for people (`glp store info`, `glp store verify`).
+CHECKSUM_TEXT = {"chunks+index": "crc32c on every chunk and shard index",
+                 "index": "crc32c on shard indexes only (an older store: altered chunk bytes "
+                          "are caught by the statistics `glp store verify` compares)",
+                 "none": "none"}
 STATS_RTOL = 1e-6  # float64 moments of the same rows summed in another order agree far better
 
 
@@ -138,10 +143,7 @@ def verify_store(url: str, progress: bool = True) -> VerifyReport:
 
 def report_lines(report: VerifyReport) -> list[str]:
     """What `glp store verify` prints: one line per damaged range, then a verdict."""
-    checks = {"chunks+index": "crc32c on every chunk and shard index",
-              "index": "crc32c on shard indexes only (an older store: altered chunk bytes are "
-                       "caught by the statistics only)",
-              "none": "none"}[report.checksums]
+    checks = CHECKSUM_TEXT[report.checksums]
     lines = [f"store {report.url}: {report.rows:,} committed rows, {report.shards_read} shard "
              f"reads; checksums: {checks}"]
     lines += [d.line() for d in report.damage]
