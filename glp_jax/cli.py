@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from glp_jax.errors import GLPError
+from glp_jax.preempt import Preempted
 
 
 def _parse_layers(text: str | None, n_layers: int) -> list[int] | None:
@@ -726,12 +727,16 @@ def _report_unexpected(e: Exception) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Every failure is one line on stderr and a non-zero exit: 2 for bad
-    input (GLPError, unreadable files), 1 for an unexpected error, whose traceback goes to a
+    input (GLPError, unreadable files), 75 when preempted by SIGTERM/SIGINT after making
+    progress durable (rerun to resume), 1 for an unexpected error, whose traceback goes to a
     file (or to the terminal with GLP_DEBUG=1)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
+    except Preempted as e:
+        print(f"glp: {_one_line(e)}", file=sys.stderr, flush=True)
+        return e.exit_code
     except KeyboardInterrupt:
         print("glp: interrupted", file=sys.stderr)
         return 130
