@@ -85,3 +85,33 @@ def roofline(gcfg, batch: int, reps: int = 3) -> dict:
         best += count * min(t.values())
         flops += count * 2 * m * k * n
     return {"best_s": best, "per_library_s": per_lib, "flops": flops}
+
+
+def glp_train_step(d: int, n_layers: int, batch: int, dtype=jnp.float32):
+    """(one, step, args, gcfg): the jitted GLP train step (AdamW, clipping, donated state) on
+    a device-resident batch, as `glp train` compiles it; one() runs a step and returns its
+    loss; step(*args()) is the call to lower."""
+    from flax import nnx
+
+    from glp_jax.config import make_config
+    from glp_jax.model import GLP, GLPConfig
+    from glp_jax.train import make_optimizer, make_train_step
+
+    gcfg = GLPConfig(d_input=d, n_layers=n_layers).resolved()
+    graphdef, params = nnx.split(GLP(gcfg, rngs=nnx.Rngs(0)))
+    cfg = make_config(dict(train_dataset="x", batch_size=batch, num_steps=1000))
+    tx, _ = make_optimizer(cfg, 1000)
+    step = jax.jit(make_train_step(graphdef, tx, accum=1, compute_dtype=dtype, discrete=True),
+                   donate_argnums=(0, 1))
+    x = jax.random.normal(jax.random.key(1), (batch, d), jnp.float32)
+    key = jax.random.key(2)
+    state = {"p": params, "o": tx.init(params)}
+
+    def args():
+        return state["p"], state["o"], x, None, jnp.int32(0), key
+
+    def one():
+        state["p"], state["o"], loss, _ = step(*args())
+        return loss
+
+    return one, step, args, gcfg
