@@ -437,6 +437,8 @@ def _stop_agreed(guard: PreemptionGuard, step: int, every: int) -> bool:
     from jax.experimental import multihost_utils
 
     flags = multihost_utils.process_allgather(np.int32(guard.requested))
+    if np.max(flags) and not guard.requested:
+        guard.request("a signal to another process")
     return bool(np.max(flags))
 
 
