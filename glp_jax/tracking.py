@@ -101,6 +101,7 @@ class TensorBoardTracker:
     def log(self, row: dict) -> None:
         for k, v in scalars(row).items():
             self.writer.add_scalar(k, v, row["step"])
+        self.writer.flush()  # rows are rare; a killed run keeps what metrics.jsonl keeps
 
     def close(self, preempted: bool = False) -> None:
         self.writer.close()

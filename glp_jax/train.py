@@ -501,7 +501,7 @@ def _train(cfg: TrainConfig, mesh, stop_after_steps: int | None, lock: WriterLoc
             stats = (None if abs_stats is None
                      else jax.jit(spec.init_stats, out_shardings=s_shard)())
         metrics = run.metrics_log(start, primary)
-        window = _restore_window(run, start) if primary else []
+        window = _restore_window(run, start, cfg.log_every_n_steps) if primary else []
 
         step_fn = jit_train_step(cfg, spec, graphdef, tx, p_shard, o_shard, s_shard, mesh)
         eval_fn, val = None, None
@@ -613,32 +613,40 @@ def _train(cfg: TrainConfig, mesh, stop_after_steps: int | None, lock: WriterLoc
 
 
 WINDOW_FILE = "train_window.json"
+WINDOWS_KEPT = 16  # async saves may still be in flight, a corrupt newest step falls back
 
 
 def _save_window(run: RunDir, step: int, window: list) -> None:
-    """The per-step losses logged since the last metrics row, saved with a checkpoint taken
-    between log steps, so a resumed run's next row averages the same steps as an
-    uninterrupted one (metrics.jsonl rows are window means)."""
+    """The per-step losses since the last metrics row, kept for each recent checkpoint taken
+    between log steps, so a run resumed from it logs the same window means as an
+    uninterrupted one (metrics.jsonl rows average the steps since the previous row)."""
     if not window:
         return
     losses, gnorms, auxs = jax.device_get(([w[0] for w in window], [w[1] for w in window],
                                            [w[2] for w in window]))
-    rows = {"step": step, "loss": [float(v) for v in losses],
-            "grad_norm": [float(v) for v in gnorms],
-            "aux": [{k: float(v) for k, v in a.items()} for a in auxs]}
-    write_atomic(run / WINDOW_FILE, json.dumps(rows))
+    kept = {k: v for k, v in _read_windows(run).items() if int(k) < step}
+    kept[str(step)] = {"loss": [float(v) for v in losses],
+                       "grad_norm": [float(v) for v in gnorms],
+                       "aux": [{k: float(v) for k, v in a.items()} for a in auxs]}
+    newest = sorted(kept, key=int)[-WINDOWS_KEPT:]
+    write_atomic(run / WINDOW_FILE, json.dumps({"windows": {k: kept[k] for k in newest}}))
 
 
-def _restore_window(run: RunDir, start: int) -> list:
-    """The window saved with checkpoint `start` (none if it was saved at a log step)."""
+def _read_windows(run: RunDir) -> dict:
     path = run / WINDOW_FILE
-    if not start or not path.exists():
+    return json.loads(path.read_text()).get("windows", {}) if path.exists() else {}
+
+
+def _restore_window(run: RunDir, start: int, log_every: int) -> list:
+    """The window of checkpoint `start`: its last start % log_every steps (none at a log
+    step, or when the window was not kept)."""
+    n = start % log_every
+    saved = _read_windows(run).get(str(start)) if n else None
+    if saved is None or len(saved["loss"]) < n:
         return []
-    saved = json.loads(path.read_text())
-    if saved.get("step") != start:
-        return []
+    rows = zip(saved["loss"][-n:], saved["grad_norm"][-n:], saved["aux"][-n:], strict=True)
     return [(np.float32(lo), np.float32(g), {k: np.float32(v) for k, v in a.items()})
-            for lo, g, a in zip(saved["loss"], saved["grad_norm"], saved["aux"], strict=True)]
+            for lo, g, a in rows]
 
 
 def _ckpt_state(params, opt_state, stats) -> dict:

@@ -96,14 +96,42 @@ def test_sigterm_checkpoints_exits_75_and_resume_reproduces_losses(store, refere
     assert partial[-1, 0] == step - step % LOG_EVERY
     np.testing.assert_array_equal(partial, reference[: len(partial)])
     if step % LOG_EVERY:  # stopped inside a log window: the window is kept for the resume
-        saved = json.loads((out / "train_window.json").read_text())
-        assert saved["step"] == step and len(saved["loss"]) == step % LOG_EVERY
+        saved = json.loads((out / "train_window.json").read_text())["windows"][str(step)]
+        assert len(saved["loss"]) == step % LOG_EVERY
 
     done = subprocess.run(_cmd(store, out), env=_env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     # Same device, same compiled step, restored state: bitwise the uninterrupted trajectory
     # (window means included).
     np.testing.assert_array_equal(_losses(out), reference)
+
+
+def test_sigkill_resume_restores_the_log_window_and_purges_tensorboard(store, reference):
+    """A hard kill leaves rows and events past the newest checkpoint; the rerun redoes them:
+    metrics.jsonl and TensorBoard (purge step) end up holding each step once, and checkpoints
+    taken inside a log window (every 10 steps, rows every 25) carry that window."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = store / "killed"
+    cmd = _cmd(store, out) + ["trackers=[jsonl,tensorboard]"]
+    proc = subprocess.Popen(cmd + ["save_every_n_steps=10"], env=_env(), stderr=subprocess.PIPE,
+                            text=True)
+    t0 = time.time()
+    while not ((out / "metrics.jsonl").exists()
+               and (out / "metrics.jsonl").read_text().count("\n") >= 4):
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        assert time.time() - t0 < 300
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True)  # no more saves
+    assert done.returncode == 0, done.stderr[-2000:]
+    np.testing.assert_array_equal(_losses(out), reference)
+    ea = EventAccumulator(str(out), size_guidance={"scalars": 0})
+    ea.Reload()
+    assert len(list(out.glob("events.out.tfevents.*"))) == 2
+    got = [(e.step, np.float32(e.value)) for e in ea.Scalars("loss")]
+    assert got == [(int(s), np.float32(v)) for s, v in reference[:, :2]]
 
 
 def _children(pid):
