@@ -147,9 +147,16 @@ class Trackers:
             t.log(row)
 
     def close(self, preempted: bool = False) -> None:
-        for t in self.trackers:
+        """Flush and finish every tracker once (later calls do nothing)."""
+        trackers, self.trackers = self.trackers, []
+        for t in trackers:
             t.close(preempted)
-        self.trackers = []
+
+    def __enter__(self) -> Trackers:
+        return self
+
+    def __exit__(self, *exc) -> None:  # an error on the way: still flush what was logged
+        self.close()
 
 
 def open_trackers(cfg, run, resolved: dict, start: int, primary: bool) -> Trackers:

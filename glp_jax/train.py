@@ -14,6 +14,7 @@ optimizer state, data-iterator state) reproduces the uninterrupted loss trajecto
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable
@@ -399,8 +400,8 @@ def train(cfg: TrainConfig, mesh=None, stop_after_steps: int | None = None) -> d
     require_trackers(cfg.trackers)  # a missing package is one line before any work
     lock = _take_run_lock(cfg.output_path)
     try:
-        with PreemptionGuard() as guard:
-            return _train(cfg, mesh, stop_after_steps, lock, guard)
+        with PreemptionGuard() as guard, contextlib.ExitStack() as closers:
+            return _train(cfg, mesh, stop_after_steps, lock, guard, closers)
     finally:
         if lock is not None:
             lock.release()
@@ -445,7 +446,7 @@ def _stop_agreed(guard: PreemptionGuard, step: int, every: int) -> bool:
 
 
 def _train(cfg: TrainConfig, mesh, stop_after_steps: int | None, lock: WriterLock | None,
-           guard: PreemptionGuard) -> dict:
+           guard: PreemptionGuard, closers: contextlib.ExitStack) -> dict:
     mesh = mesh or make_mesh(cfg.mesh_data, cfg.mesh_fsdp)
     total = cfg.total_steps
     n_dev = mesh.devices.size
@@ -522,90 +523,88 @@ def _train(cfg: TrainConfig, mesh, stop_after_steps: int | None, lock: WriterLoc
                 f"{cfg.train_dataset} holds {pipe.rows:,} rows x {len(pipe.layers)} layers "
                 f"({pipe.batches_per_epoch} batches, single pass); lower num_steps / "
                 f"num_activations, extract more rows, or set data_mode=repeat")
-        trackers = open_trackers(cfg, run, resolved, start, primary)
-        try:
-            while step < end:
-                try:
-                    batch = next(it)
-                except StopIteration:
+        trackers = closers.enter_context(open_trackers(cfg, run, resolved, start, primary))
+        while step < end:
+            try:
+                batch = next(it)
+            except StopIteration:
+                bar.close()
+                raise GLPError(
+                    f"the data ran out after {step} steps ({pipe.rows} rows, single pass); "
+                    f"lower num_steps/num_activations, extract more rows, or set data_mode=repeat"
+                ) from None
+            x = global_batch(np.asarray(batch["x"], np.float32), mesh)
+            layer = (global_batch(np.asarray(batch["llm_layer"], np.int32), mesh)
+                     if multi else None)
+            params, opt_state, stats, loss, gnorm, aux = step_fn(
+                params, opt_state, stats, x, layer, jnp.int32(step), base_key)
+            window.append((loss, gnorm, aux))
+            if steps_this_call == 0:  # exclude compilation from the throughput figures
+                jax.block_until_ready(loss)
+                t_window, rate_steps = time.perf_counter(), 0
+            else:
+                rate_steps += 1
+            step += 1
+            steps_this_call += 1
+            bar.update(1)
+            boundary_log = step % cfg.log_every_n_steps == 0 or step in eval_steps
+            boundary_save = step % cfg.save_every_n_steps == 0 or step == total
+            preempted = step < end and _stop_agreed(guard, step, cfg.preempt_check_every_n_steps)
+            stopping = ((stop_after_steps is not None and steps_this_call >= stop_after_steps)
+                        or (cfg.stop_at_step is not None and step >= cfg.stop_at_step)
+                        or preempted)
+            if boundary_log or boundary_save or step in epoch_steps or stopping:
+                if lock is not None:
+                    lock.check()  # another writer took the folder over: write nothing more
+                losses = np.asarray(jax.device_get(jnp.stack([w[0] for w in window])))
+                gnorms = np.asarray(jax.device_get(jnp.stack([w[1] for w in window])))
+                # A finite loss with an Inf gradient still leaves NaN parameters behind.
+                if not (np.isfinite(losses).all() and np.isfinite(gnorms).all()):
+                    ckpt.wait()
                     bar.close()
-                    raise GLPError(
-                        f"the data ran out after {step} steps ({pipe.rows} rows, single pass); "
-                        f"lower num_steps/num_activations, extract more rows, or set data_mode=repeat"
-                    ) from None
-                x = global_batch(np.asarray(batch["x"], np.float32), mesh)
-                layer = (global_batch(np.asarray(batch["llm_layer"], np.int32), mesh)
-                         if multi else None)
-                params, opt_state, stats, loss, gnorm, aux = step_fn(
-                    params, opt_state, stats, x, layer, jnp.int32(step), base_key)
-                window.append((loss, gnorm, aux))
-                if steps_this_call == 0:  # exclude compilation from the throughput figures
-                    jax.block_until_ready(loss)
-                    t_window, rate_steps = time.perf_counter(), 0
-                else:
-                    rate_steps += 1
-                step += 1
-                steps_this_call += 1
-                bar.update(1)
-                boundary_log = step % cfg.log_every_n_steps == 0 or step in eval_steps
-                boundary_save = step % cfg.save_every_n_steps == 0 or step == total
-                preempted = step < end and _stop_agreed(guard, step, cfg.preempt_check_every_n_steps)
-                stopping = ((stop_after_steps is not None and steps_this_call >= stop_after_steps)
-                            or (cfg.stop_at_step is not None and step >= cfg.stop_at_step)
-                            or preempted)
-                if boundary_log or boundary_save or step in epoch_steps or stopping:
-                    if lock is not None:
-                        lock.check()  # another writer took the folder over: write nothing more
-                    losses = np.asarray(jax.device_get(jnp.stack([w[0] for w in window])))
-                    gnorms = np.asarray(jax.device_get(jnp.stack([w[1] for w in window])))
-                    # A finite loss with an Inf gradient still leaves NaN parameters behind.
-                    if not (np.isfinite(losses).all() and np.isfinite(gnorms).all()):
-                        ckpt.wait()
-                        bar.close()
-                        good = ckpt.latest_step()
-                        bad = np.concatenate([losses[~np.isfinite(losses)], gnorms[~np.isfinite(gnorms)]])
-                        raise TrainingDivergedError(
-                            f"loss or gradient norm became {bad[0]} by step {step}; the last "
-                            f"good checkpoint (step {good}) is kept in {run_dir}/checkpoints. Lower "
-                            f"learning_rate, keep gradient_clipping_threshold=1, or check the data "
-                            f"for outliers (glp store info).")
-                if boundary_log:
-                    dt = time.perf_counter() - t_window
-                    acts = step * cfg.batch_size
-                    rate = rate_steps * cfg.batch_size / dt if rate_steps else float("nan")
-                    row = {"step": step, "activations_seen": acts, "loss": float(losses.mean()),
-                           "lr": float(schedule(step - 1)), "grad_norm": float(gnorms.mean()),
-                           "activations_per_s": rate, "params": info["params"],
-                           "compute_6nd": 6.0 * info["params"] * acts,
-                           "flops_exact": float(flops_exact_per_act) * acts,
-                           "flops_per_s": rate * flops_exact_per_act,
-                           "wall_time": time.time(), "devices": n_dev,
-                           "device_kind": info["device_kind"]}
-                    if cfg.peak_flops:
-                        row["mfu"] = rate * flops_exact_per_act / (cfg.peak_flops * n_dev)
-                    auxs = jax.device_get([w[2] for w in window])  # model metrics: window means
-                    for k in auxs[0]:
-                        row[k] = float(np.mean([a[k] for a in auxs]))
-                    if eval_fn is not None and step in eval_steps:
-                        row.update({k: float(v) for k, v in eval_fn(params, *val).items()})
-                    metrics.write(row)
-                    trackers.log(row)
-                    last_row = row
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", act_s=f"{rate:,.0f}")
-                    window, t_window, rate_steps = [], time.perf_counter(), 0
-                if boundary_save or stopping or step in epoch_steps:
-                    if primary:  # a save inside a log window: keep the window for the resume
-                        _save_window(run, step, window)
-                    ckpt.save(step, _ckpt_state(params, opt_state, stats), _data_state(it),
-                              resolved, epoch=epoch_steps.get(step), force=True)
-                if stopping:
-                    break
-        finally:
-            trackers.close(preempted)
+                    good = ckpt.latest_step()
+                    bad = np.concatenate([losses[~np.isfinite(losses)], gnorms[~np.isfinite(gnorms)]])
+                    raise TrainingDivergedError(
+                        f"loss or gradient norm became {bad[0]} by step {step}; the last "
+                        f"good checkpoint (step {good}) is kept in {run_dir}/checkpoints. Lower "
+                        f"learning_rate, keep gradient_clipping_threshold=1, or check the data "
+                        f"for outliers (glp store info).")
+            if boundary_log:
+                dt = time.perf_counter() - t_window
+                acts = step * cfg.batch_size
+                rate = rate_steps * cfg.batch_size / dt if rate_steps else float("nan")
+                row = {"step": step, "activations_seen": acts, "loss": float(losses.mean()),
+                       "lr": float(schedule(step - 1)), "grad_norm": float(gnorms.mean()),
+                       "activations_per_s": rate, "params": info["params"],
+                       "compute_6nd": 6.0 * info["params"] * acts,
+                       "flops_exact": float(flops_exact_per_act) * acts,
+                       "flops_per_s": rate * flops_exact_per_act,
+                       "wall_time": time.time(), "devices": n_dev,
+                       "device_kind": info["device_kind"]}
+                if cfg.peak_flops:
+                    row["mfu"] = rate * flops_exact_per_act / (cfg.peak_flops * n_dev)
+                auxs = jax.device_get([w[2] for w in window])  # model metrics: window means
+                for k in auxs[0]:
+                    row[k] = float(np.mean([a[k] for a in auxs]))
+                if eval_fn is not None and step in eval_steps:
+                    row.update({k: float(v) for k, v in eval_fn(params, *val).items()})
+                metrics.write(row)
+                trackers.log(row)
+                last_row = row
+                bar.set_postfix(loss=f"{row['loss']:.4f}", act_s=f"{rate:,.0f}")
+                window, t_window, rate_steps = [], time.perf_counter(), 0
+            if boundary_save or stopping or step in epoch_steps:
+                if primary:  # a save inside a log window: keep the window for the resume
+                    _save_window(run, step, window)
+                ckpt.save(step, _ckpt_state(params, opt_state, stats), _data_state(it),
+                          resolved, epoch=epoch_steps.get(step), force=True)
+            if stopping:
+                break
         bar.close()
         ckpt.wait()
         ckpt.close()
         _close(it)
+        trackers.close(preempted)
     if preempted:
         raise guard.stop(f"after step {step} of {total}",
                          f"checkpoint {step} is in {run_dir}/checkpoints")
