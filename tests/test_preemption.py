@@ -2,6 +2,7 @@
 checkpoint, exits 75 with one line, and the rerun reproduces the uninterrupted losses
 exactly; launch/local.sh reruns a preempted run; two processes stop at the same step."""
 
+import glob
 import json
 import os
 import re
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from wandb_records import wandb_records
 
 from glp_jax.data.store import ActivationStore, StoreMeta
 from glp_jax.preempt import PREEMPTED_EXIT
@@ -78,8 +80,10 @@ def reference(store):
 
 def test_sigterm_checkpoints_exits_75_and_resume_reproduces_losses(store, reference):
     out = store / "preempted"
-    proc = subprocess.Popen(_cmd(store, out), env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    cmd = _cmd(store, out) + ["trackers=[jsonl,tensorboard,wandb]"]
+    env = _env(WANDB_MODE="offline", WANDB_DIR=store, WANDB_SILENT="true")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     _wait_metrics(out, [proc])
     os.kill(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
@@ -95,11 +99,18 @@ def test_sigterm_checkpoints_exits_75_and_resume_reproduces_losses(store, refere
     partial = _losses(out)  # flushed: every row up to the stop, none after
     assert partial[-1, 0] == step - step % LOG_EVERY
     np.testing.assert_array_equal(partial, reference[: len(partial)])
+    # The trackers were flushed and closed: W&B holds every row and knows it was preempted.
+    [wandb_file] = glob.glob(str(store / "wandb" / "offline-run-*" / "*.wandb"))
+    records = list(wandb_records(wandb_file))
+    assert any(r.WhichOneof("record_type") == "preempting" for r in records)
+    logged = [json.loads(next(i.value_json for i in r.history.item if i.nested_key == ["loss"]))
+              for r in records if r.WhichOneof("record_type") == "history"]
+    np.testing.assert_array_equal(logged, partial[:, 1])
     if step % LOG_EVERY:  # stopped inside a log window: the window is kept for the resume
         saved = json.loads((out / "train_window.json").read_text())["windows"][str(step)]
         assert len(saved["loss"]) == step % LOG_EVERY
 
-    done = subprocess.run(_cmd(store, out), env=_env(), capture_output=True, text=True)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     # Same device, same compiled step, restored state: bitwise the uninterrupted trajectory
     # (window means included).

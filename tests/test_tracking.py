@@ -4,13 +4,12 @@ sweep group; a resumed run appends to both (same W&B run id)."""
 
 import glob
 import json
-import struct
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from wandb_records import wandb_records
 
 from glp_jax.config import load_config
 from glp_jax.data.store import ActivationStore, StoreMeta
@@ -39,33 +38,6 @@ def _config(store, out, *extra):
                         "learning_rate=3e-3", "log_every_n_steps=10", "eval_every_n_steps=20",
                         "eval_rows=64", "progress=false", f"output_path={out}",
                         "trackers=[jsonl,tensorboard,wandb]", "sweep_name=sw1", *extra])
-
-
-def _wandb_records(path):
-    """Records of a .wandb file: W&B's LevelDB-style log (7-byte file header, 32 KiB blocks,
-    records of crc32 + length + type, split across blocks as FIRST/MIDDLE/LAST) holding
-    W&B's own protobuf `Record`s."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data = Path(path).read_bytes()
-    assert data[:4] == b":W&B"
-    pos, block, buf = 7, 32768, b""
-    while pos + 7 <= len(data):
-        left = block - pos % block
-        if left < 7:  # block trailer
-            pos += left
-            continue
-        _, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        if n == 0 and kind == 0:  # zero padding
-            pos += left
-            continue
-        buf += data[pos + 7:pos + 7 + n]
-        pos += 7 + n
-        if kind in (1, 4):  # FULL or LAST
-            record = pb.Record()
-            record.ParseFromString(buf)
-            buf = b""
-            yield record
 
 
 def _items(entries):
@@ -107,7 +79,7 @@ def test_tensorboard_and_wandb_hold_metrics_jsonl_and_a_resume_continues_them(
     assert len(files) == 2
     history, summary, config = {}, {}, {}
     for f in files:
-        for r in _wandb_records(f):
+        for r in wandb_records(f):
             kind = r.WhichOneof("record_type")
             if kind == "run":
                 assert (r.run.run_id, r.run.run_group, r.run.display_name) == (run_id, "sw1", "d1-run")
