@@ -46,6 +46,14 @@ def total_steps_of(num_steps: int | None, num_activations: int | None, batch_siz
 
 
 MODELS = ("glp", "sae")
+TRACKERS = ("jsonl", "tensorboard", "wandb")
+
+
+def check_trackers(names: list[str]) -> None:
+    unknown = [n for n in names if n not in TRACKERS]
+    if unknown:
+        raise ConfigError(f"unknown tracker {unknown[0]!r} in trackers={names}; choose from "
+                          f"{', '.join(TRACKERS)} (e.g. trackers=[jsonl,tensorboard])")
 
 
 @dataclass
@@ -119,6 +127,17 @@ class TrainConfig:
     checkpoint_digest: bool = True  # size + CRC-32 of every checkpoint file, checked on restore
     peak_flops: float | None = None  # per device, for MFU; None = not reported
     progress: bool = True
+    # experiment tracking (glp_jax/tracking.py): metrics.jsonl is always written; tensorboard
+    # and wandb are added beside it by process 0. run_name defaults to output_path's last
+    # folder, sweep_name groups a sweep's runs (wandb group; set by glp sweep / launch/sweep.sh).
+    trackers: list[str] = field(default_factory=lambda: ["jsonl"])
+    run_name: str | None = None
+    sweep_name: str | None = None
+    wandb_project: str = "glp_jax"
+    wandb_entity: str | None = None
+    # preemption: with several processes, the stop flag of a SIGTERM/SIGINT is agreed every
+    # this many steps (one tiny all-gather); one process checks it every step for free
+    preempt_check_every_n_steps: int = 10
 
     def __post_init__(self):
         self.validate()
@@ -148,7 +167,8 @@ class TrainConfig:
                               f"{self.sae_aux_coef}")
         if self.n_layers <= 0:
             raise ConfigError(f"n_layers must be positive, got {self.n_layers}")
-        for name in ("log_every_n_steps", "save_every_n_steps"):
+        check_trackers(self.trackers)
+        for name in ("log_every_n_steps", "save_every_n_steps", "preempt_check_every_n_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.learning_rate <= 0:
@@ -291,6 +311,8 @@ def _coerce(name: str, value: Any, annotation: str) -> Any:
     if list_kind and (isinstance(value, list) or "str" not in kinds):
         elem = list_kind[5:-1]
         items = value if isinstance(value, list) else [value]
+        if elem == "str":
+            return [str(v) for v in items]
         return [_number(name, v, elem) for v in items]
     if "bool" in kinds:
         if not isinstance(value, bool):

@@ -51,6 +51,13 @@ def run_name(depth: int, budget: int, seed: int) -> str:
     return f"d{depth}-a{budget}-s{seed}"
 
 
+def _sweep_name(overrides: list[str], root: Path) -> list[str]:
+    """Group the runs in trackers by the sweep folder's name unless the overrides name one."""
+    if any(o.startswith("sweep_name=") for o in overrides):
+        return []
+    return [f"sweep_name={root.resolve().name}"]
+
+
 def run_local_sweep(overrides: list[str], plan: SweepPlan, root: str | Path,
                     progress: bool = True) -> list[Path]:
     """Train every run of `plan` with the base `overrides` (config=FILE key=value ...)."""
@@ -64,6 +71,7 @@ def run_local_sweep(overrides: list[str], plan: SweepPlan, root: str | Path,
         cfg = load_config([*overrides, *plan.width_overrides(depth), f"n_layers={depth}",
                            "num_steps=null",
                            f"num_activations={budget}", f"seed={seed}", f"output_path={out}",
+                           *_sweep_name(overrides, root),
                            f"progress={str(progress).lower()}"])
         if progress:
             print(f"[sweep] {out.name}: {cfg.total_steps} steps of {cfg.batch_size}")

@@ -14,6 +14,7 @@ optimizer state, data-iterator state) reproduces the uninterrupted loss trajecto
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable
@@ -41,10 +42,12 @@ from glp_jax.model import (
     matmul_flops_per_example,
     param_count,
 )
+from glp_jax.preempt import PreemptionGuard
 from glp_jax.progress import progress_bar
-from glp_jax.rundir import RunDir, epoch_step, jsonable
+from glp_jax.rundir import RunDir, epoch_step, jsonable, write_atomic
 from glp_jax.sae import SAEConfig, TopKSAE
 from glp_jax.sharding import batch_sharding, global_batch, make_mesh, replicated, tree_shardings
+from glp_jax.tracking import open_trackers, require_trackers
 
 if TYPE_CHECKING:
     from glp_jax.data.pipeline import Pipeline
@@ -391,10 +394,14 @@ def train(cfg: TrainConfig, mesh=None, stop_after_steps: int | None = None) -> d
     `glp train` into the same output_path is refused, naming the first.
     stop_after_steps: leave after that many steps of this call (a simulated preemption
     for tests; the checkpoint at that point is written first).
+    SIGTERM/SIGINT: the current step finishes, a checkpoint is written, metrics flushed, the
+    lock released, then `Preempted` is raised (`glp train` exits 75; rerun to resume).
     """
+    require_trackers(cfg.trackers)  # a missing package is one line before any work
     lock = _take_run_lock(cfg.output_path)
     try:
-        return _train(cfg, mesh, stop_after_steps, lock)
+        with PreemptionGuard() as guard, contextlib.ExitStack() as closers:
+            return _train(cfg, mesh, stop_after_steps, lock, guard, closers)
     finally:
         if lock is not None:
             lock.release()
@@ -422,7 +429,24 @@ def _take_run_lock(output_path) -> WriterLock | None:
     return lock
 
 
-def _train(cfg: TrainConfig, mesh, stop_after_steps: int | None, lock: WriterLock | None) -> dict:
+def _stop_agreed(guard: PreemptionGuard, step: int, every: int) -> bool:
+    """Whether every process stops after `step`. One process reads its flag; several agree
+    (any of them signalled) every `every` steps, so all leave at the same step even when
+    the signals reach them at different steps."""
+    if jax.process_count() == 1:
+        return guard.requested
+    if step % every:
+        return False
+    from jax.experimental import multihost_utils
+
+    flags = multihost_utils.process_allgather(np.int32(guard.requested))
+    if np.max(flags) and not guard.requested:
+        guard.request("a signal to another process")
+    return bool(np.max(flags))
+
+
+def _train(cfg: TrainConfig, mesh, stop_after_steps: int | None, lock: WriterLock | None,
+           guard: PreemptionGuard, closers: contextlib.ExitStack) -> dict:
     mesh = mesh or make_mesh(cfg.mesh_data, cfg.mesh_fsdp)
     total = cfg.total_steps
     n_dev = mesh.devices.size
@@ -478,6 +502,7 @@ def _train(cfg: TrainConfig, mesh, stop_after_steps: int | None, lock: WriterLoc
             stats = (None if abs_stats is None
                      else jax.jit(spec.init_stats, out_shardings=s_shard)())
         metrics = run.metrics_log(start, primary)
+        window = _restore_window(run, start, cfg.log_every_n_steps) if primary else []
 
         step_fn = jit_train_step(cfg, spec, graphdef, tx, p_shard, o_shard, s_shard, mesh)
         eval_fn, val = None, None
@@ -488,10 +513,9 @@ def _train(cfg: TrainConfig, mesh, stop_after_steps: int | None, lock: WriterLoc
 
         bar = progress_bar(total, "train", "step", enabled=cfg.progress and primary,
                            initial=start)
-        window: list[tuple[jax.Array, jax.Array, dict]] = []
         t_window, last_row = time.perf_counter(), {}
         flops_exact_per_act = 3 * info["fwd_matmul_flops"]
-        step, steps_this_call, rate_steps = start, 0, 0
+        step, steps_this_call, rate_steps, preempted = start, 0, 0, False
         end = total if cfg.stop_at_step is None else min(total, cfg.stop_at_step)
         if cfg.data_mode == "single" and pipe.batches_per_epoch < total:
             raise ConfigError(
@@ -499,6 +523,7 @@ def _train(cfg: TrainConfig, mesh, stop_after_steps: int | None, lock: WriterLoc
                 f"{cfg.train_dataset} holds {pipe.rows:,} rows x {len(pipe.layers)} layers "
                 f"({pipe.batches_per_epoch} batches, single pass); lower num_steps / "
                 f"num_activations, extract more rows, or set data_mode=repeat")
+        trackers = closers.enter_context(open_trackers(cfg, run, resolved, start, primary))
         while step < end:
             try:
                 batch = next(it)
@@ -524,8 +549,10 @@ def _train(cfg: TrainConfig, mesh, stop_after_steps: int | None, lock: WriterLoc
             bar.update(1)
             boundary_log = step % cfg.log_every_n_steps == 0 or step in eval_steps
             boundary_save = step % cfg.save_every_n_steps == 0 or step == total
+            preempted = step < end and _stop_agreed(guard, step, cfg.preempt_check_every_n_steps)
             stopping = ((stop_after_steps is not None and steps_this_call >= stop_after_steps)
-                        or (cfg.stop_at_step is not None and step >= cfg.stop_at_step))
+                        or (cfg.stop_at_step is not None and step >= cfg.stop_at_step)
+                        or preempted)
             if boundary_log or boundary_save or step in epoch_steps or stopping:
                 if lock is not None:
                     lock.check()  # another writer took the folder over: write nothing more
@@ -562,10 +589,13 @@ def _train(cfg: TrainConfig, mesh, stop_after_steps: int | None, lock: WriterLoc
                 if eval_fn is not None and step in eval_steps:
                     row.update({k: float(v) for k, v in eval_fn(params, *val).items()})
                 metrics.write(row)
+                trackers.log(row)
                 last_row = row
                 bar.set_postfix(loss=f"{row['loss']:.4f}", act_s=f"{rate:,.0f}")
                 window, t_window, rate_steps = [], time.perf_counter(), 0
             if boundary_save or stopping or step in epoch_steps:
+                if primary:  # a save inside a log window: keep the window for the resume
+                    _save_window(run, step, window)
                 ckpt.save(step, _ckpt_state(params, opt_state, stats), _data_state(it),
                           resolved, epoch=epoch_steps.get(step), force=True)
             if stopping:
@@ -574,7 +604,48 @@ def _train(cfg: TrainConfig, mesh, stop_after_steps: int | None, lock: WriterLoc
         ckpt.wait()
         ckpt.close()
         _close(it)
+        trackers.close(preempted)
+    if preempted:
+        raise guard.stop(f"after step {step} of {total}",
+                         f"checkpoint {step} is in {run_dir}/checkpoints")
     return last_row
+
+
+WINDOW_FILE = "train_window.json"
+WINDOWS_KEPT = 16  # async saves may still be in flight, a corrupt newest step falls back
+
+
+def _save_window(run: RunDir, step: int, window: list) -> None:
+    """The per-step losses since the last metrics row, kept for each recent checkpoint taken
+    between log steps, so a run resumed from it logs the same window means as an
+    uninterrupted one (metrics.jsonl rows average the steps since the previous row)."""
+    if not window:
+        return
+    losses, gnorms, auxs = jax.device_get(([w[0] for w in window], [w[1] for w in window],
+                                           [w[2] for w in window]))
+    kept = {k: v for k, v in _read_windows(run).items() if int(k) < step}
+    kept[str(step)] = {"loss": [float(v) for v in losses],
+                       "grad_norm": [float(v) for v in gnorms],
+                       "aux": [{k: float(v) for k, v in a.items()} for a in auxs]}
+    newest = sorted(kept, key=int)[-WINDOWS_KEPT:]
+    write_atomic(run / WINDOW_FILE, json.dumps({"windows": {k: kept[k] for k in newest}}))
+
+
+def _read_windows(run: RunDir) -> dict:
+    path = run / WINDOW_FILE
+    return json.loads(path.read_text()).get("windows", {}) if path.exists() else {}
+
+
+def _restore_window(run: RunDir, start: int, log_every: int) -> list:
+    """The window of checkpoint `start`: its last start % log_every steps (none at a log
+    step, or when the window was not kept)."""
+    n = start % log_every
+    saved = _read_windows(run).get(str(start)) if n else None
+    if saved is None or len(saved["loss"]) < n:
+        return []
+    rows = zip(saved["loss"][-n:], saved["grad_norm"][-n:], saved["aux"][-n:], strict=True)
+    return [(np.float32(lo), np.float32(g), {k: np.float32(v) for k, v in a.items()})
+            for lo, g, a in rows]
 
 
 def _ckpt_state(params, opt_state, stats) -> dict:

@@ -27,3 +27,27 @@ train_args() {
   local extra=(${OVERRIDES:-})
   printf '%s\n' "${args[@]}" "${extra[@]}"
 }
+
+# Preemption: `glp train` exits 75 (EX_TEMPFAIL) after a SIGTERM/SIGINT once its checkpoint
+# is written; rerunning the same command resumes. run_retrying CMD... reruns CMD while it
+# exits 75, at most MAX_RETRIES times (RETRY_DELAY_S between tries). A Ctrl-C at this
+# script stops the loop: only a signal the command alone received (a preemption) reruns it.
+PREEMPTED_EXIT=75
+run_retrying() {
+  if [[ "${DRY_RUN:-0}" == "1" ]]; then run "$@"; return; fi
+  local tries=0 status interrupted=0
+  trap 'interrupted=1' INT TERM
+  while true; do
+    set +e; "$@"; status=$?; set -e
+    if [[ $status -ne $PREEMPTED_EXIT || $interrupted -eq 1 ]]; then break; fi
+    if (( tries >= ${MAX_RETRIES:-10} )); then
+      echo "launch: still preempted after ${tries} reruns (MAX_RETRIES); rerun this script to resume" >&2
+      break
+    fi
+    tries=$((tries + 1))
+    echo "launch: preempted (exit $status); rerun ${tries}/${MAX_RETRIES:-10} resumes from the checkpoint" >&2
+    sleep "${RETRY_DELAY_S:-5}"
+  done
+  trap - INT TERM
+  return "$status"
+}

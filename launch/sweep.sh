@@ -16,7 +16,7 @@ for depth in $DEPTHS; do
   for budget in $BUDGETS; do
     for seed in $SEEDS; do
       RUN_NAME="${SWEEP}/d${depth}-a${budget}-s${seed}" \
-      OVERRIDES="${BASE_OVERRIDES} n_layers=${depth} num_steps=null num_activations=${budget} seed=${seed}" \
+      OVERRIDES="${BASE_OVERRIDES} sweep_name=${SWEEP} n_layers=${depth} num_steps=null num_activations=${budget} seed=${seed}" \
       CONFIG="$CONFIG" RUN_ROOT="$RUN_ROOT" DATA_ROOT="$DATA_ROOT" DRY_RUN="${DRY_RUN:-0}" GLP="$GLP" \
         bash "$HERE/${BACKEND}.sh"
     done

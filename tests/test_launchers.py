@@ -42,6 +42,54 @@ def test_slurm_submits_one_task_per_node():
     assert "output_path=gs://bucket/runs/sweep/x" in inner
 
 
+def test_slurm_job_is_requeued_when_training_exits_75():
+    [cmd] = _dry("slurm.sh", CONFIG="experiments/paper/glp-llama8b-d6.yaml", SIGNAL_LEAD_S="300",
+                 MAX_REQUEUES="3")
+    # Requeueable, SIGTERM to every task 300 s before the time limit, one log across requeues.
+    assert {"--requeue", "--signal=TERM@300", "--open-mode=append"} <= set(cmd)
+    wrap = next(a for a in cmd if a.startswith("--wrap="))[len("--wrap="):]
+    srun, after = wrap.split(" ; ", 1)
+    assert shlex.split(srun)[:3] == ["srun", "glp", "train"]
+    assert after == ("s=$?; if [ $s -eq 75 ] && [ ${SLURM_RESTART_COUNT:-0} -lt 3 ]; then "
+                     "scontrol requeue $SLURM_JOB_ID; fi; exit $s")
+
+
+def _retrying(inner, **env):
+    script = f'source "{ROOT}/launch/common.sh"; run_retrying sh -c {shlex.quote(inner)}'
+    return subprocess.Popen(["bash", "-c", script], env={**os.environ, "RETRY_DELAY_S": "0", **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_retry_loop_reruns_on_75_only_and_is_bounded(tmp_path):
+    count = tmp_path / "count"
+    bump = f"echo x >> {count}; "
+    proc = _retrying(bump + '[ $(wc -l < ' + str(count) + ') -ge 3 ] && exit 0; exit 75')
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and count.read_text().count("x") == 3  # two reruns, then done
+    assert err.count("launch: preempted (exit 75)") == 2
+    count.unlink()
+    proc = _retrying(bump + "exit 75", MAX_RETRIES="2")
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 75 and count.read_text().count("x") == 3  # bounded
+    assert "still preempted after 2 reruns" in err
+    count.unlink()
+    proc = _retrying(bump + "exit 3")
+    proc.communicate(timeout=60)
+    assert proc.returncode == 3 and count.read_text().count("x") == 1  # other failures: no rerun
+
+
+def test_retry_loop_stops_when_the_launcher_itself_is_interrupted(tmp_path):
+    import signal
+    import time
+
+    count = tmp_path / "count"
+    proc = _retrying(f"echo x >> {count}; sleep 1; exit 75")
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C at the launcher: no rerun after the command ends
+    proc.communicate(timeout=60)
+    assert proc.returncode == 75 and count.read_text().count("x") == 1
+
+
 def test_tpu_vm_installs_then_runs_on_all_workers():
     install, train = _dry("tpu_vm.sh", TPU_NAME="pod", ZONE="us-east5-a",
                           CONFIG="experiments/paper/glp-llama1b-d24.yaml",
@@ -74,7 +122,8 @@ def test_sweep_covers_the_grid_with_distinct_run_names():
     outs = {next(a for a in c if a.startswith("output_path=")) for c in cmds}
     assert len(outs) == 8 and "output_path=/tmp/sw/s1/d6-a4000000-s1" in outs
     c = next(c for c in cmds if "output_path=/tmp/sw/s1/d6-a4000000-s1" in c)
-    assert {"n_layers=6", "num_activations=4000000", "seed=1", "num_steps=null"} <= set(c)
+    assert {"n_layers=6", "num_activations=4000000", "seed=1", "num_steps=null",
+            "sweep_name=s1"} <= set(c)
 
 
 def test_paper_extraction_scripts_match_their_configs():
