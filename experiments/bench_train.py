@@ -22,7 +22,7 @@ from flax import nnx
 
 from glp_jax.config import make_config
 from glp_jax.model import GLP, GLPConfig, matmul_flops_per_example, param_count
-from glp_jax.train import make_optimizer, make_train_step
+from glp_jax.train import make_optimizer, make_train_step, scan_unroll
 
 
 def main() -> None:
@@ -49,7 +49,8 @@ def main() -> None:
     cfg = make_config(dict(train_dataset="x", batch_size=args.batch, num_steps=1000))
     tx, _ = make_optimizer(cfg, 1000)
     opt = tx.init(params)
-    step = jax.jit(make_train_step(graphdef, tx, accum=1, compute_dtype=dtype, discrete=True),
+    step = jax.jit(make_train_step(graphdef, tx, accum=1, compute_dtype=dtype, discrete=True,
+                                   unroll=scan_unroll(cfg, args.n_layers)),
                    donate_argnums=(0, 1))
     x = jax.random.normal(jax.random.key(1), (args.batch, args.d), jnp.float32)
     key = jax.random.key(2)

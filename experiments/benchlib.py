@@ -95,14 +95,14 @@ def glp_train_step(d: int, n_layers: int, batch: int, dtype=jnp.float32):
 
     from glp_jax.config import make_config
     from glp_jax.model import GLP, GLPConfig
-    from glp_jax.train import make_optimizer, make_train_step
+    from glp_jax.train import make_optimizer, make_train_step, scan_unroll
 
     gcfg = GLPConfig(d_input=d, n_layers=n_layers).resolved()
     graphdef, params = nnx.split(GLP(gcfg, rngs=nnx.Rngs(0)))
     cfg = make_config(dict(train_dataset="x", batch_size=batch, num_steps=1000))
     tx, _ = make_optimizer(cfg, 1000)
-    step = jax.jit(make_train_step(graphdef, tx, accum=1, compute_dtype=dtype, discrete=True),
-                   donate_argnums=(0, 1))
+    step = jax.jit(make_train_step(graphdef, tx, accum=1, compute_dtype=dtype, discrete=True,
+                                   unroll=scan_unroll(cfg, n_layers)), donate_argnums=(0, 1))
     x = jax.random.normal(jax.random.key(1), (batch, d), jnp.float32)
     key = jax.random.key(2)
     state = {"p": params, "o": tx.init(params)}

@@ -103,6 +103,9 @@ class TrainConfig:
     gradient_clipping_threshold: float = 1.0
     use_bf16: bool = True  # bf16 compute, fp32 master parameters
     remat_blocks: bool = False  # recompute blocks in backward: less memory, ~1/3 more FLOPs
+    # blocks per scan iteration: 0 = all (faster step, longer compile), None = all up to
+    # train.AUTO_UNROLL_MAX_BLOCKS blocks, else 1
+    scan_unroll: int | None = None
     sigma_sampling: str = "discrete"  # discrete (original, 1000 levels) | continuous
     # run length: num_steps, or num_activations (steps = num_activations // batch_size)
     num_steps: int | None = None
@@ -144,6 +147,9 @@ class TrainConfig:
 
     def validate(self) -> None:
         check_batch_size(self.batch_size)
+        if self.scan_unroll is not None and self.scan_unroll < 0:
+            raise ConfigError(f"scan_unroll={self.scan_unroll}: give the blocks per scan "
+                              "iteration (1 = a plain scan, 0 = every block unrolled)")
         if self.gradient_accumulation_steps <= 0:
             raise ConfigError(f"gradient_accumulation_steps must be positive, got "
                               f"{self.gradient_accumulation_steps}")

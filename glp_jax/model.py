@@ -211,11 +211,14 @@ class Blocks(nnx.Module):
         self.down_proj = Linear(H, D, **kw)
 
     def __call__(self, h_BxD: jax.Array, e_BxD: jax.Array, dtype, return_meta: bool,
-                 remat: bool = False):
+                 remat: bool = False, unroll: int = 1):
         """Residual stream h (fp32) through all blocks; also every block's `a` if asked.
 
         remat=True recomputes each block in the backward pass instead of storing its
-        activations (jax.checkpoint): ~1/3 more FLOPs, activation memory of one block."""
+        activations (jax.checkpoint): ~1/3 more FLOPs, activation memory of one block.
+        unroll: blocks per scan iteration (0 = all). Unrolled blocks index their weights
+        statically, so XLA drops the per-iteration weight slices and gradient update-slices
+        (5% of a d3 step on CPU, BENCHMARKS.md); the compile grows with it."""
         params = {"ln": self.ln.arrays(), "gate": self.gate_proj.arrays(),
                   "time": self.time_proj.arrays(), "up": self.up_proj.arrays(),
                   "down": self.down_proj.arrays()}
@@ -228,7 +231,8 @@ class Blocks(nnx.Module):
             h = h + dense(a_BxH, p["down"], dtype).astype(jnp.float32)
             return h, (a_BxH.astype(jnp.float32) if return_meta else None)
 
-        return jax.lax.scan(jax.checkpoint(block) if remat else block, h_BxD, params)
+        return jax.lax.scan(jax.checkpoint(block) if remat else block, h_BxD, params,
+                            unroll=unroll or self.ln.scale.shape[0])
 
 
 class GLP(nnx.Module):
@@ -261,7 +265,8 @@ class GLP(nnx.Module):
         return e
 
     def __call__(self, x_BxD: jax.Array, sigma_B: jax.Array, layer_idx_B: jax.Array | None = None,
-                 *, return_meta: bool = False, compute_dtype=None, remat: bool = False):
+                 *, return_meta: bool = False, compute_dtype=None, remat: bool = False,
+                 unroll: int = 1):
         """Velocity v [B, d_input] in fp32 for noisy inputs z = x_BxD at noise level sigma_B.
 
         sigma_B: [B] or a scalar (broadcast). layer_idx_B: LLM layer per row (multi-layer
@@ -275,7 +280,7 @@ class GLP(nnx.Module):
         sigma_B = jnp.broadcast_to(jnp.asarray(sigma_B, jnp.float32), (B,))
         e_BxD = self.embed(sigma_B, layer_idx_B, dtype)
         h_BxD = dense(x_BxD, self.in_proj.arrays(), dtype).astype(jnp.float32)
-        h_BxD, a_LxBxH = self.blocks(h_BxD, e_BxD, dtype, return_meta, remat)
+        h_BxD, a_LxBxH = self.blocks(h_BxD, e_BxD, dtype, return_meta, remat, unroll)
         y = layer_norm(h_BxD, self.ln.arrays()).astype(dtype)
         v_BxD = dense(y, self.out_proj.arrays(), dtype).astype(jnp.float32)
         return (v_BxD, a_LxBxH) if return_meta else v_BxD

@@ -84,13 +84,14 @@ def make_optimizer(cfg: TrainConfig, total_steps: int) -> tuple[optax.GradientTr
 
 # ----------------------------------------------------------------------------- the step
 def loss_fn(params, graphdef, x_BxD, layer_B, key, *, compute_dtype, discrete: bool,
-            remat: bool = False):
+            remat: bool = False, unroll: int = 1):
     model = nnx.merge(graphdef, params)
     k_sigma, k_eps = jax.random.split(key)
     sigma_B = flow.sample_train_sigma(k_sigma, x_BxD.shape[0], discrete=discrete)
     eps_BxD = jax.random.normal(k_eps, x_BxD.shape, jnp.float32)
     z_BxD = flow.add_noise(x_BxD, eps_BxD, sigma_B)
-    v_BxD = model(z_BxD, sigma_B, layer_B, compute_dtype=compute_dtype, remat=remat)
+    v_BxD = model(z_BxD, sigma_B, layer_B, compute_dtype=compute_dtype, remat=remat,
+                  unroll=unroll)
     return flow.flow_loss(v_BxD, flow.velocity_target(x_BxD, eps_BxD))
 
 
@@ -136,21 +137,21 @@ def make_step(loss, tx, *, accum: int, post_update: Callable | None = None):
     return step_fn
 
 
-def glp_loss(graphdef, *, compute_dtype, discrete: bool, remat: bool = False):
+def glp_loss(graphdef, *, compute_dtype, discrete: bool, remat: bool = False, unroll: int = 1):
     """The GLP's loss in make_step's form: no aux metrics, no extra state."""
 
     def loss(params, x_BxD, layer_B, key, stats):
         return loss_fn(params, graphdef, x_BxD, layer_B, key, compute_dtype=compute_dtype,
-                       discrete=discrete, remat=remat), ({}, stats)
+                       discrete=discrete, remat=remat, unroll=unroll), ({}, stats)
 
     return loss
 
 
 def make_train_step(graphdef, tx, *, accum: int, compute_dtype, discrete: bool,
-                    remat: bool = False):
+                    remat: bool = False, unroll: int = 1):
     """GLP: (params, opt_state, x, layer, step, base_key) -> (params, opt_state, loss, grad_norm)."""
     inner = make_step(glp_loss(graphdef, compute_dtype=compute_dtype, discrete=discrete,
-                               remat=remat), tx, accum=accum)
+                               remat=remat, unroll=unroll), tx, accum=accum)
 
     def step_fn(params, opt_state, x_BxD, layer_B, step, base_key):
         params, opt_state, _, loss, grad_norm, _ = inner(params, opt_state, None, x_BxD,
@@ -221,6 +222,16 @@ class ModelSpec:
         raise NotImplementedError
 
 
+AUTO_UNROLL_MAX_BLOCKS = 6  # measured: d3 and d6 steps 5% faster unrolled on CPU
+
+
+def scan_unroll(cfg: TrainConfig, n_layers: int) -> int:
+    """Blocks per scan iteration: the config's, or all of them for shallow models."""
+    if cfg.scan_unroll is not None:
+        return cfg.scan_unroll
+    return 0 if n_layers <= AUTO_UNROLL_MAX_BLOCKS else 1
+
+
 def _compute_dtype(cfg: TrainConfig):
     return jnp.bfloat16 if cfg.use_bf16 else jnp.float32
 
@@ -249,7 +260,8 @@ class GLPSpec(ModelSpec):
 
     def loss(self, graphdef, cfg):
         return glp_loss(graphdef, compute_dtype=_compute_dtype(cfg),
-                        discrete=cfg.sigma_sampling == "discrete", remat=cfg.remat_blocks)
+                        discrete=cfg.sigma_sampling == "discrete", remat=cfg.remat_blocks,
+                        unroll=scan_unroll(cfg, self.config.n_layers))
 
     def eval_fn(self, graphdef, cfg):
         fn = make_eval_fn(graphdef, cfg.eval_sigmas, _compute_dtype(cfg))

@@ -236,13 +236,21 @@ def test_corrupt_only_checkpoint_is_moved_aside_and_training_restarts(tmp_path, 
     assert sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir()) == [4, 8]
 
 
-def test_remat_blocks_gives_the_same_gradients():
-    from glp_jax.train import loss_fn
+@pytest.mark.parametrize("remat,unroll", [(True, 1), (False, 0), (False, 2), (True, 0)])
+def test_remat_and_unrolled_blocks_give_the_same_loss_and_gradients(remat, unroll):
+    """Recomputed or unrolled blocks are the same function: loss and gradients equal the
+    plain scan's to float32 rounding."""
+    from glp_jax.train import loss_fn, scan_unroll
 
     graphdef, params = nnx.split(GLP(GLPConfig(d_input=4, n_layers=3), rngs=nnx.Rngs(0)))
     x = jnp.asarray(np.random.default_rng(0).standard_normal((8, 4)), jnp.float32)
-    grads = [jax.jit(jax.grad(lambda p, r=r: loss_fn(p, graphdef, x, None, jax.random.key(1),
-                                                     compute_dtype=jnp.float32, discrete=True,
-                                                     remat=r)))(params) for r in (False, True)]
-    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1]), strict=True):
+    out = [jax.jit(jax.value_and_grad(
+        lambda p, r=r, u=u: loss_fn(p, graphdef, x, None, jax.random.key(1),
+                                    compute_dtype=jnp.float32, discrete=True, remat=r,
+                                    unroll=u)))(params) for r, u in ((False, 1), (remat, unroll))]
+    np.testing.assert_allclose(float(out[0][0]), float(out[1][0]), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(out[0][1]), jax.tree.leaves(out[1][1]), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+    auto = make_config(dict(train_dataset="x", num_steps=1))
+    assert (scan_unroll(auto, 3), scan_unroll(auto, 24)) == (0, 1)
+    assert scan_unroll(make_config(dict(train_dataset="x", num_steps=1, scan_unroll=2)), 3) == 2
