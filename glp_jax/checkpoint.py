@@ -41,8 +41,66 @@ _CHUNK = 8 << 20
 
 def run_path(path: str | Path) -> epath.Path:
     """Local paths made absolute; gs:// and other URLs kept as they are (etils epath)."""
-    p = epath.Path(str(path))
-    return p if "://" in str(path) else epath.Path(Path(str(path)).absolute())
+    if "://" in str(path):
+        from glp_jax.kv import apply_endpoint_env
+
+        apply_endpoint_env()
+        quiet_bucket_clients()
+        return epath.Path(str(path))
+    return epath.Path(Path(str(path)).absolute())
+
+
+def quiet_bucket_clients() -> None:
+    """gcsfs warns on every bucket access it cannot classify (no hierarchical-namespace
+    lookup without Google credentials, e.g. against an emulator): keep its errors only."""
+    logging.getLogger("gcsfs").setLevel(logging.ERROR)
+
+
+def orbax_atomicity(directory: str) -> ocp.options.AtomicityOptions | None:
+    """Buckets cannot rename a folder: orbax writes a step in place and marks it complete
+    with commit_success.txt (its default on gs://; chosen here for s3:// too, where a
+    rename would be a non-atomic copy). Local folders keep orbax's atomic rename."""
+    if "://" not in str(directory):
+        return None
+    return ocp.options.AtomicityOptions(mode=ocp.options.AtomicityMode.COMMIT_FILE)
+
+
+def teach_orbax_s3() -> None:
+    """orbax 0.12 builds tensorstore specs for local paths and gs:// only (an s3:// path
+    is refused as not absolute): give its spec builder our s3 spec (glp_jax.kv.s3_spec,
+    with the endpoint and credentials from the environment). Idempotent."""
+    from orbax.checkpoint._src.path import gcs_utils
+    from orbax.checkpoint._src.serialization import tensorstore_utils as tsu
+
+    from glp_jax.kv import s3_spec
+
+    if getattr(tsu, "_glp_s3", False):
+        return
+    use_gcs, normalize, gcs_spec = tsu._use_gcs_driver, tsu._normalize_path, gcs_utils.get_kvstore_for_gcs
+
+    def to_url(path: str) -> str:
+        return "s3://" + str(path).removeprefix("s3://").removeprefix("s3:/")
+
+    def spec_for(path: str) -> dict:
+        if str(path).startswith("s3:/"):
+            spec = s3_spec(to_url(path))
+            return {**spec, "path": spec["path"].rstrip("/")}
+        return gcs_spec(path)
+
+    tsu._use_gcs_driver = lambda d: str(d).startswith("s3:/") or use_gcs(d)
+    tsu._normalize_path = lambda p: to_url(normalize(p)) if str(p).startswith("s3:/") else normalize(p)
+    tsu.gcs_utils = _GcsUtilsWithS3(gcs_utils, spec_for)
+    tsu._glp_s3 = True
+
+
+class _GcsUtilsWithS3:
+    """orbax's gcs_utils module as tensorstore_utils sees it, with S3 specs added."""
+
+    def __init__(self, module, spec_for):
+        self._module, self.get_kvstore_for_gcs = module, spec_for
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
 
 
 # ----------------------------------------------------------------------------- digests
@@ -59,10 +117,24 @@ def file_crc32(path: epath.Path) -> tuple[int, int]:
 def step_files(step_dir: epath.Path) -> list[str]:
     """Relative paths ('/'-separated, sorted) of the files of one step, digest excluded."""
     out = []
-    for root, _, files in step_dir.walk():
+    for root, _, files in walk_files(step_dir):
         rel = str(root)[len(str(step_dir)):].strip("/")
         out += [f"{rel}/{f}" if rel else f for f in files]
     return sorted(f for f in out if f != DIGEST_FILE)
+
+
+def walk_files(top: epath.Path):
+    """epath's walk, except on buckets, where etils passes s3fs an argument it refuses
+    (max_depth): list folder by folder there."""
+    if "://" not in str(top):
+        yield from top.walk()
+        return
+    dirs, files = [], []
+    for child in top.iterdir():
+        (dirs if child.is_dir() else files).append(child.name)
+    yield str(top), dirs, files
+    for d in dirs:
+        yield from walk_files(top / d)
 
 
 def compute_digest(step_dir: epath.Path) -> dict:
@@ -141,8 +213,11 @@ class RunCheckpoints:
         self.run_dir = run_path(run_dir)
         policy = pp.AnyPreservationPolicy([pp.LatestN(n=max(1, keep_last_n)),
                                            pp.CustomSteps(list(keep_steps))])
+        if str(self.run_dir).startswith("s3://"):
+            teach_orbax_s3()
         opts = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True,
-                                            enable_async_checkpointing=async_save)
+                                            enable_async_checkpointing=async_save,
+                                            atomicity_options=orbax_atomicity(str(self.run_dir)))
         self.manager = ocp.CheckpointManager(self.run_dir / "checkpoints", item_names=ITEMS,
                                              options=opts)
         self.digest, self.async_save = digest, async_save
