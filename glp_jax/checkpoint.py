@@ -42,8 +42,10 @@ _CHUNK = 8 << 20
 def run_path(path: str | Path) -> epath.Path:
     """Local paths made absolute; gs:// and other URLs kept as they are (etils epath)."""
     if "://" in str(path):
+        from glp_jax.buckets import check_bucket
         from glp_jax.kv import apply_endpoint_env
 
+        check_bucket(str(path))
         apply_endpoint_env()
         quiet_bucket_clients()
         return epath.Path(str(path))

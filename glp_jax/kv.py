@@ -69,6 +69,10 @@ def s3_spec(url: str) -> dict:
 def kvstore_spec(url: str) -> str | dict:
     """A tensorstore kvstore spec for a local path or URL, with a trailing slash."""
     url = str(url)
+    if url.startswith(("s3://", "gs://")):
+        from glp_jax.buckets import check_bucket  # imports this module
+
+        check_bucket(url)
     if url.startswith("s3://"):
         return s3_spec(url)
     if "://" in url:
