@@ -39,11 +39,17 @@ def gcs_endpoint() -> str | None:
     return host if "://" in host else f"http://{host}"
 
 
+_SET_BY_US: list[str] = []  # TENSORSTORE_GCS_HTTP_URL values this module set
+
+
 def apply_endpoint_env() -> None:
-    """Point tensorstore's gcs driver (ours and orbax's) at STORAGE_EMULATOR_HOST."""
+    """Point tensorstore's gcs driver (ours and orbax's) at STORAGE_EMULATOR_HOST, unless
+    the user set TENSORSTORE_GCS_HTTP_URL themselves."""
     endpoint = gcs_endpoint()
-    if endpoint:
-        os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL", endpoint.rstrip("/"))
+    current = os.environ.get("TENSORSTORE_GCS_HTTP_URL")
+    if endpoint and (current is None or current in _SET_BY_US):
+        os.environ["TENSORSTORE_GCS_HTTP_URL"] = endpoint.rstrip("/")
+        _SET_BY_US.append(endpoint.rstrip("/"))
 
 
 def split_bucket_url(url: str) -> tuple[str, str, str]:

@@ -1,0 +1,342 @@
+"""Stores, runs and locks in buckets, against real protocol servers on loopback: moto's S3
+server and fake-gcs-server (tests/objstore.py). No network beyond 127.0.0.1. Every number is
+checked against a local-disk run of the same work (bitwise rows, equal losses).
+
+Known emulator gap: fake-gcs-server ignores `ifGenerationMatch` on simple (media) uploads
+and deletes, the requests tensorstore's gcs driver sends, so conditional writes cannot be
+shown on it: the tests that need them are strict xfails on gs:// (real GCS honours them).
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import objstore
+import pytest
+from etils import epath
+
+from glp_jax.cli import main
+from glp_jax.config import load_config
+from glp_jax.data.store import ActivationStore, StoreMeta
+from glp_jax.errors import WriterLockedError
+from glp_jax.kv import open_kvstore
+from glp_jax.lock import LOCK_KEY, Holder, WriterLock, read_holder
+from glp_jax.rundir import read_metrics
+from glp_jax.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+META = StoreMeta(model="m", layers=[0], d=8, shard_rows=64)
+NO_GCS_PRECONDITIONS = pytest.mark.xfail(
+    strict=True, reason="fake-gcs-server ignores ifGenerationMatch on media uploads/deletes")
+
+
+@pytest.fixture(scope="session", params=["s3", "gs"])
+def server(request, tmp_path_factory):
+    """One emulator per protocol for the session; its variables are set in this process
+    (in-process tests) and passed to subprocesses; torn down at the end."""
+    srv = objstore.start(request.param, tmp_path_factory.mktemp(f"objstore-{request.param}"))
+    saved = {k: os.environ.get(k) for k in [*srv.env, "TENSORSTORE_GCS_HTTP_URL"]}
+    os.environ.update(srv.env)
+    yield srv
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    srv.close()
+
+
+def _unique(server, name: str) -> str:
+    return server.url(f"{name}-{time.time_ns()}")
+
+
+def _rows(n=256, d=8, seed=0):
+    return np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+
+
+def _fill(url):
+    store = ActivationStore.create(url, META)
+    store.append({0: _rows()}, np.arange(256) % 50, np.arange(256) // 8)
+    return store
+
+
+# ------------------------------------------------------------------ stores and clear errors
+def test_store_in_bucket_reads_bitwise_like_local_and_store_info(server, tmp_path, capsys):
+    url = _unique(server, "store")
+    _fill(url), _fill(tmp_path / "local")
+    got, ref = ActivationStore.open(url), ActivationStore.open(str(tmp_path / "local"))
+    assert len(got) == len(ref) == 256
+    np.testing.assert_array_equal(got.read_raw(0, 256).view(np.uint16),
+                                  ref.read_raw(0, 256).view(np.uint16))
+    np.testing.assert_array_equal(got.read_rows([200, 3, 17]), ref.read_rows([200, 3, 17]))
+    np.testing.assert_array_equal(got.token_ids(), ref.token_ids())
+    np.testing.assert_allclose(got.mean(), ref.mean(), rtol=0, atol=0)
+    assert main(["store", "info", url, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["rows"] == 256 and info["url"] == url and info["d"] == 8
+
+
+@pytest.mark.parametrize("case", ["missing bucket", "unreachable endpoint"])
+def test_unusable_bucket_is_one_line(server, case, capsys, monkeypatch):
+    url = f"{server.scheme}://no-such-bucket-x/acts"
+    if case == "unreachable endpoint":
+        url = server.url("acts")
+        dead = f"http://127.0.0.1:{objstore.free_port()}"
+        var = "AWS_ENDPOINT_URL" if server.scheme == "s3" else "STORAGE_EMULATOR_HOST"
+        monkeypatch.setenv(var, dead)
+    assert main(["store", "info", url]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    want = "does not exist" if case == "missing bucket" else "cannot reach"
+    assert want in err[0] and (server.scheme + "://") in err[0]
+
+
+# ------------------------------------------------------------------ writer lock
+def _generation_of(kv, key):
+    return kv.read(key).result().stamp.generation
+
+
+def _conditional_write_refuses_a_stale_generation(server):
+    kv = open_kvstore(_unique(server, "cond"))
+    first = kv.write("k", b"1", if_equal=_generation_of(kv, "k")).result().generation
+    assert first  # created (the key was missing)
+    assert not kv.write("k", b"x", if_equal=b"\x02").result().generation  # "must be missing"
+    second = kv.write("k", b"2", if_equal=first).result().generation
+    assert second and second != first
+    assert not kv.write("k", b"y", if_equal=first).result().generation  # stale: refused
+    assert kv.read("k").result().value == b"2"
+
+
+def test_conditional_write_refuses_a_stale_generation(server, request):
+    if server.scheme == "gs":
+        request.applymarker(NO_GCS_PRECONDITIONS)
+    _conditional_write_refuses_a_stale_generation(server)
+
+
+def _race(url, n=6) -> list[str]:
+    """n writers in threads race for the lock of `url` at one instant."""
+    barrier, out = threading.Barrier(n), []
+
+    def racer():
+        lock = WriterLock(url, "racer")
+        barrier.wait()
+        try:
+            lock.acquire()
+            out.append("won")
+        except WriterLockedError:
+            out.append("refused")
+
+    threads = [threading.Thread(target=racer) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return sorted(out)
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def _plant(url, **changes):
+    """Write a lock key as another writer would have left it."""
+    holder = Holder.me("planted writer", "t0")
+    holder = Holder(**{**holder.__dict__, **changes})
+    open_kvstore(url).write(LOCK_KEY, holder.to_bytes()).result()
+
+
+def test_racing_writers_exactly_one_wins_free_and_stale_lock(server, request, capsys):
+    if server.scheme == "gs":
+        request.applymarker(NO_GCS_PRECONDITIONS)
+    url = _unique(server, "race")
+    assert _race(url) == ["refused"] * 5 + ["won"]
+    _plant(url, pid=_dead_pid())  # the holder was killed: every racer sees it stale
+    assert _race(url) == ["refused"] * 5 + ["won"]
+
+
+def test_live_holder_refused_dead_or_expired_holder_taken_over(server, capsys):
+    url = _unique(server, "lock")
+    with WriterLock(url, "first writer"):
+        with pytest.raises(WriterLockedError) as e:
+            WriterLock(url, "second").acquire()
+        assert "first writer" in str(e.value) and f"pid {os.getpid()}" in str(e.value)
+    assert read_holder(url) is None  # released: the key is deleted
+    pid = _dead_pid()
+    _plant(url, pid=pid)
+    with WriterLock(url, "after kill -9"):
+        err = capsys.readouterr().err
+        assert "took over" in err and f"pid {pid}" in err and "no longer running" in err
+        assert read_holder(url).what == "after kill -9"
+    _plant(url, host="another-host", heartbeat=time.time() - 1000, lease_s=120.0)
+    with WriterLock(url, "after expiry"):
+        assert "heartbeat stopped" in capsys.readouterr().err
+    _plant(url, host="another-host")  # fresh heartbeat on another machine: refused
+    with pytest.raises(WriterLockedError):
+        WriterLock(url, "too early").acquire()
+
+
+# ------------------------------------------------------------------ crash safety (kill -9)
+STORE_WRITER = textwrap.dedent("""
+    import sys, numpy as np
+    from glp_jax.data.store import ActivationStore, StoreMeta
+    meta = StoreMeta(model="m", layers=[0], d=16, shard_rows=128, chunk_rows=8)
+    s = ActivationStore.open_or_create(sys.argv[1], meta)
+    print("open", flush=True)
+    while True:
+        i = len(s) // 37
+        x = np.random.default_rng(i).standard_normal((37, 16)).astype(np.float32)
+        s.append({0: x}, np.full(37, i), np.full(37, i), cursor={"chunks": i + 1})
+""")
+
+
+def _expected_chunks(n_chunks):
+    import ml_dtypes
+
+    xs = [np.random.default_rng(i).standard_normal((37, 16)).astype(np.float32)
+          for i in range(n_chunks)]
+    return np.concatenate(xs or [np.zeros((0, 16), np.float32)]).astype(ml_dtypes.bfloat16)
+
+
+def test_kill9_during_store_appends_leaves_the_last_commit(server):
+    """No rename on buckets: rows go to their shards first, then one PUT replaces
+    commit.npz; a killed writer leaves the previous commit, and readers see only it."""
+    url = _unique(server, "crash")
+    env = objstore.environ_with(server)
+    seen = []
+    for delay in (0.7, 1.9):
+        proc = subprocess.Popen([sys.executable, "-c", STORE_WRITER, url], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "open", proc.stderr.read()[-2000:]
+        time.sleep(delay)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        store = ActivationStore.open(url)
+        n = len(store)
+        assert n % 37 == 0 and store.cursor.get("chunks", 0) == n // 37
+        want = _expected_chunks(n // 37)
+        np.testing.assert_array_equal(store.read_raw(0, n).view(np.uint16), want.view(np.uint16))
+        assert store.moments(0).count == n
+        seen.append(n)
+    assert seen[-1] > 0 and seen[-1] >= seen[0]
+
+
+METRICS_WRITER = textwrap.dedent("""
+    import sys
+    from glp_jax.checkpoint import run_path
+    from glp_jax.rundir import MetricsLog
+    log = MetricsLog(run_path(sys.argv[1]) / "metrics.jsonl", 0, True)
+    print("open", flush=True)
+    step = 0
+    while True:
+        step += 1
+        log.write({"step": step, "loss": 1.0 / step, "pad": "x" * 200})
+""")
+
+
+def test_kill9_during_metrics_rewrites_never_tears_the_file(server):
+    """Buckets cannot append: each row rewrites metrics.jsonl in one PUT, so a killed
+    writer leaves the previous whole file (steps 1..n, every line complete)."""
+    url = _unique(server, "metrics")
+    proc = subprocess.Popen([sys.executable, "-c", METRICS_WRITER, url],
+                            env=objstore.environ_with(server), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "open", proc.stderr.read()[-2000:]
+    time.sleep(1.5)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    text = (epath.Path(url) / "metrics.jsonl").read_text()
+    assert text.endswith("\n")
+    rows = [json.loads(line) for line in text.splitlines()]  # every line parses
+    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1)) and len(rows) > 2
+    assert read_metrics(epath.Path(url) / "metrics.jsonl") == rows
+
+
+# ------------------------------------------------------------------ training and load
+def _train_cfg(store, out, stop_at=None):
+    return load_config([f"train_dataset={store}", "num_steps=6", "batch_size=16", "d_model=16",
+                        "d_mlp=16", "n_layers=1", "use_bf16=false", f"output_path={out}",
+                        "progress=false", "save_every_n_steps=2", "log_every_n_steps=1",
+                        "keep_last_n=3", f"stop_at_step={stop_at}"])
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory):
+    """The reference: the same store and an uninterrupted 6-step run on local disk."""
+    root = tmp_path_factory.mktemp("bucket-ref")
+    _fill(root / "store")
+    train(_train_cfg(root / "store", root / "run"))
+    return root
+
+
+def _losses(rows):
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+
+def test_train_in_bucket_resumes_like_local_and_loads(server, local_run):
+    import glp_jax
+    from glp_jax.rundir import RunDir
+
+    store, run = _unique(server, "acts"), _unique(server, "run")
+    _fill(store)
+    train(_train_cfg(store, run, stop_at=4))
+    train(_train_cfg(store, run))  # resumes from step 4
+    ref = RunDir(local_run / "run")
+    assert _losses(RunDir(run).metrics()) == _losses(ref.metrics())  # exact floats
+    base = epath.Path(run)
+    for name in ("run.json", "config.json", "normalizer.npz", "metrics.jsonl",
+                 "checkpoints/6/commit_success.txt", "checkpoints/6/glp_digest.json"):
+        assert (base / name).exists(), name
+    assert json.loads((base / "run.json").read_text())["train_dataset"] == store
+    got = glp_jax.load(run).sample(4, steps=3, seed=1)
+    np.testing.assert_array_equal(got, glp_jax.load(str(local_run / "run")).sample(4, steps=3,
+                                                                                   seed=1))
+
+
+# ------------------------------------------------------------------ launchers
+def test_launchers_dry_run_with_bucket_roots():
+    env = {**os.environ, "DRY_RUN": "1", "GLP": "glp", "CONFIG": "experiments/cpu/sae.yaml",
+           "RUN_ROOT": "s3://b/runs", "DATA_ROOT": "gs://b/acts", "RUN_NAME": "x"}
+    out = subprocess.run(["bash", str(ROOT / "launch" / "local.sh")], env=env, cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["glp", "train", "config=experiments/cpu/sae.yaml", "output_path=s3://b/runs/x"]
+    env.update(NAME="l14", MODEL="smollm2", LAYERS="14", RUN_ROOT="gs://b/runs")
+    lines = subprocess.run(["bash", str(ROOT / "launch" / "extract.sh")], env=env, cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.splitlines()
+    assert [ln.split()[ln.split().index("--out") + 1] for ln in lines] == [
+        "gs://b/acts/l14/val", "gs://b/acts/l14/train"]
+
+
+def _glp_wrapper(tmp_path) -> str:
+    """An executable `glp` running this checkout with this interpreter."""
+    path = tmp_path / "glp"
+    path.write_text(f"#!/bin/sh\nexec {sys.executable} -m glp_jax \"$@\"\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+@pytest.mark.slow
+def test_launcher_local_sh_trains_from_and_into_buckets(server, local_run, tmp_path):
+    data_root, run_root = _unique(server, "data"), _unique(server, "runs")
+    _fill(data_root + "/acts")
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text("train_dataset: ${GLP_DATA_ROOT}/acts\nnum_steps: 6\nbatch_size: 16\n"
+                   "d_model: 16\nd_mlp: 16\nn_layers: 1\nuse_bf16: false\nprogress: false\n"
+                   "save_every_n_steps: 2\nlog_every_n_steps: 1\nkeep_last_n: 3\n")
+    env = {**objstore.environ_with(server), "CONFIG": str(cfg), "RUN_NAME": "tiny",
+           "RUN_ROOT": run_root, "DATA_ROOT": data_root, "GLP": _glp_wrapper(tmp_path),
+           "PYTHONPATH": str(ROOT)}
+    subprocess.run(["bash", str(ROOT / "launch" / "local.sh")], env=env, cwd=tmp_path,
+                   check=True, capture_output=True, timeout=600)
+    from glp_jax.rundir import RunDir
+
+    ref = RunDir(local_run / "run")
+    assert _losses(RunDir(run_root + "/tiny").metrics()) == _losses(ref.metrics())
