@@ -340,3 +340,95 @@ def test_launcher_local_sh_trains_from_and_into_buckets(server, local_run, tmp_p
 
     ref = RunDir(local_run / "run")
     assert _losses(RunDir(run_root + "/tiny").metrics()) == _losses(ref.metrics())
+
+
+# ------------------------------------------------------------------ slow: kill -9 + resume
+def _extract_cmd(out, max_tokens=600):
+    return [sys.executable, "-m", "glp_jax", "extract", "--corpus", "fortune:riddles,science",
+            "--max-tokens", str(max_tokens), "--out", out, "--window-docs", "4",
+            "--flush-rows", "40", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def local_extraction(tmp_path_factory):
+    """An uninterrupted extraction on local disk: the reference rows."""
+    out = str(tmp_path_factory.mktemp("extract-ref") / "acts")
+    subprocess.run(_extract_cmd(out), check=True, capture_output=True, timeout=600,
+                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return ActivationStore.open(out)
+
+
+def _wait_until(predicate, proc, what, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        assert proc.poll() is None, f"exited before {what}: {proc.stderr.read()[-2000:]}"
+        time.sleep(0.05)
+    raise TimeoutError(what)
+
+
+def _rows_at_least(url, n):
+    def check():
+        try:
+            return len(ActivationStore.open(url)) >= n
+        except Exception:  # not created yet
+            return False
+    return check
+
+
+@pytest.mark.slow
+def test_extract_into_bucket_kill9_resume_is_bitwise_local(server, local_extraction):
+    url = _unique(server, "extract")
+    env = {**objstore.environ_with(server), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(_extract_cmd(url), env=env, stderr=subprocess.PIPE, text=True)
+    _wait_until(_rows_at_least(url, 200), proc, "200 committed rows")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    ref, n = local_extraction, len(ActivationStore.open(url))
+    assert 200 <= n < len(ref)
+    np.testing.assert_array_equal(ActivationStore.open(url).read_raw(0, n).view(np.uint16),
+                                  ref.read_raw(0, n).view(np.uint16))
+    subprocess.run(_extract_cmd(url), env=env, check=True, capture_output=True, timeout=600)
+    done = ActivationStore.open(url)
+    assert len(done) == len(ref)
+    np.testing.assert_array_equal(done.read_raw(0, len(ref)).view(np.uint16),
+                                  ref.read_raw(0, len(ref)).view(np.uint16))
+    np.testing.assert_array_equal(done.token_ids(), ref.token_ids())
+    np.testing.assert_array_equal(done.doc_ids(), ref.doc_ids())
+    np.testing.assert_allclose(done.mean(), ref.mean(), rtol=1e-12)
+    info = subprocess.run([sys.executable, "-m", "glp_jax", "store", "info", url, "--json"],
+                          env=env, check=True, capture_output=True, text=True, timeout=300)
+    assert json.loads(info.stdout)["rows"] == len(ref)
+
+
+LONG = ["num_steps=300", "data_mode=repeat", "batch_size=16", "d_model=16", "d_mlp=16", "n_layers=1",
+        "use_bf16=false", "progress=false", "save_every_n_steps=50", "log_every_n_steps=10",
+        "keep_last_n=2"]
+
+
+@pytest.fixture(scope="module")
+def local_long_run(local_run):
+    train(load_config([f"train_dataset={local_run / 'store'}", *LONG,
+                       f"output_path={local_run / 'long'}"]))
+    return local_run / "long"
+
+
+@pytest.mark.slow
+def test_glp_train_in_bucket_kill9_resume_matches_local(server, local_long_run):
+    from glp_jax.rundir import RunDir
+
+    store, run = _unique(server, "acts"), _unique(server, "long")
+    _fill(store)
+    cmd = [sys.executable, "-m", "glp_jax", "train", f"train_dataset={store}", *LONG,
+           f"output_path={run}"]
+    env = objstore.environ_with(server)
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    marker = epath.Path(run) / "checkpoints" / "100" / "commit_success.txt"
+    _wait_until(marker.exists, proc, "checkpoint 100")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (epath.Path(run) / "checkpoints" / "300").exists()  # killed mid-run
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=600)
+    assert _losses(RunDir(run).metrics()) == _losses(RunDir(local_long_run).metrics())
+    assert RunDir(run).finished()
