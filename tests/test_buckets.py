@@ -83,18 +83,23 @@ def test_store_in_bucket_reads_bitwise_like_local_and_store_info(server, tmp_pat
     assert info["rows"] == 256 and info["url"] == url and info["d"] == 8
 
 
-@pytest.mark.parametrize("case", ["missing bucket", "unreachable endpoint"])
-def test_unusable_bucket_is_one_line(server, case, capsys, monkeypatch):
+@pytest.mark.parametrize("case", ["missing bucket", "unreachable endpoint", "train into it"])
+def test_unusable_bucket_is_one_line(server, case, capsys, monkeypatch, tmp_path):
     url = f"{server.scheme}://no-such-bucket-x/acts"
+    argv = ["store", "info", url]
     if case == "unreachable endpoint":
         url = server.url("acts")
         dead = f"http://127.0.0.1:{objstore.free_port()}"
         var = "AWS_ENDPOINT_URL" if server.scheme == "s3" else "STORAGE_EMULATOR_HOST"
         monkeypatch.setenv(var, dead)
-    assert main(["store", "info", url]) == 2
+    if case == "train into it":
+        _fill(tmp_path / "store")
+        argv = ["train", f"train_dataset={tmp_path / 'store'}", "num_steps=2", "batch_size=16",
+                "d_model=8", "d_mlp=8", "n_layers=1", "progress=false", f"output_path={url}"]
+    assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
-    want = "does not exist" if case == "missing bucket" else "cannot reach"
+    want = "cannot reach" if case == "unreachable endpoint" else "does not exist"
     assert want in err[0] and (server.scheme + "://") in err[0]
 
 
@@ -281,6 +286,15 @@ def _losses(rows):
     return [(r["step"], r["loss"]) for r in rows if "loss" in r]
 
 
+def _plant_unfinished_step(ckpts, done: int, killed: int) -> None:
+    """What a save killed before its arrays leaves on a bucket (orbax writes a step in place
+    there): step `killed`'s metadata objects, no arrays, no commit_success.txt."""
+    for rel in ("_CHECKPOINT_METADATA", "config/metadata", "data/metadata"):
+        (ckpts / str(killed) / rel).parent.mkdir(parents=True, exist_ok=True)
+        (ckpts / str(done) / rel).copy(ckpts / str(killed) / rel)
+    assert (ckpts / str(killed)).exists() and not (ckpts / str(killed) / "commit_success.txt").exists()
+
+
 def test_train_in_bucket_resumes_like_local_and_loads(server, local_run):
     import glp_jax
     from glp_jax.rundir import RunDir
@@ -288,7 +302,9 @@ def test_train_in_bucket_resumes_like_local_and_loads(server, local_run):
     store, run = _unique(server, "acts"), _unique(server, "run")
     _fill(store)
     train(_train_cfg(store, run, stop_at=4))
-    train(_train_cfg(store, run))  # resumes from step 4
+    _plant_unfinished_step(epath.Path(run) / "checkpoints", done=4, killed=6)
+    assert glp_jax.load(run).step == 4  # no commit_success.txt: not a checkpoint
+    train(_train_cfg(store, run))  # resumes from step 4, redoes step 6 over the debris
     ref = RunDir(local_run / "run")
     assert _losses(RunDir(run).metrics()) == _losses(ref.metrics())  # exact floats
     base = epath.Path(run)
