@@ -119,3 +119,101 @@ def start(scheme: str, tmp: Path) -> ObjectServer:
 def environ_with(server: ObjectServer) -> dict[str, str]:
     """This process's environment plus the server's variables (for subprocesses)."""
     return {**os.environ, **server.env}
+
+
+class GcsPreconditions:
+    """A loopback front for a GCS emulator that lacks preconditions: it enforces GCS's
+    `ifGenerationMatch` on uploads and deletes (0 = the object must not exist; otherwise
+    its generation must equal the value; else 412) and passes every request on. Mutations
+    are serialised, so check-and-write is atomic as on GCS. fake-gcs-server checks
+    `ifGenerationMatch` on multipart uploads only, not on the media uploads and deletes
+    tensorstore sends."""
+
+    def __init__(self, upstream: str):
+        import http.server
+        import threading
+
+        self.upstream, self._mutex = upstream.rstrip("/"), threading.Lock()
+        front = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _any(self):
+                front.handle(self)
+
+            do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _any
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def _generation(self, bucket: str, name: str) -> int:
+        """The object's current generation, 0 when it does not exist."""
+        from urllib.parse import quote
+
+        try:
+            with urllib.request.urlopen(f"{self.upstream}/storage/v1/b/{bucket}/o/"
+                                        f"{quote(name, safe='')}", timeout=10) as r:
+                return int(json.loads(r.read())["generation"])
+        except urllib.error.HTTPError as e:
+            if e.code == 404:
+                return 0
+            raise
+
+    def _target(self, method: str, path: str) -> tuple[str, str, int] | None:
+        """(bucket, object, wanted generation) of a conditional upload or delete, else None."""
+        from urllib.parse import parse_qs, unquote, urlsplit
+
+        parts = urlsplit(path)
+        query = parse_qs(parts.query)
+        if "ifGenerationMatch" not in query:
+            return None
+        want = int(query["ifGenerationMatch"][0])
+        segs = parts.path.split("/")
+        if method == "POST" and parts.path.startswith("/upload/storage/v1/b/"):
+            return segs[5], query["name"][0], want
+        if method == "DELETE" and parts.path.startswith("/storage/v1/b/"):
+            return segs[4], unquote("/".join(segs[6:])), want
+        return None
+
+    def handle(self, req) -> None:
+        body = req.rfile.read(int(req.headers.get("Content-Length") or 0))
+        target = self._target(req.command, req.path)
+        if req.command in ("GET", "HEAD"):
+            return self._forward(req, body)
+        with self._mutex:
+            if target and self._generation(target[0], target[1]) != target[2]:
+                msg = json.dumps({"error": {"code": 412, "message": "Precondition Failed"}})
+                return self._reply(req, 412, {"Content-Type": "application/json"}, msg.encode())
+            self._forward(req, body)
+
+    def _forward(self, req, body: bytes) -> None:
+        headers = {k: v for k, v in req.headers.items()
+                   if k.lower() not in ("host", "content-length", "connection")}
+        request = urllib.request.Request(self.upstream + req.path, data=body or None,
+                                         method=req.command, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=30) as r:
+                status, hdrs, data = r.status, dict(r.headers), r.read()
+        except urllib.error.HTTPError as e:
+            status, hdrs, data = e.code, dict(e.headers), e.read()
+        self._reply(req, status, hdrs, data)
+
+    @staticmethod
+    def _reply(req, status: int, headers: dict, data: bytes) -> None:
+        req.send_response(status)
+        for k, v in headers.items():
+            if k.lower() not in ("content-length", "transfer-encoding", "connection", "date",
+                                 "server"):
+                req.send_header(k, v)
+        req.send_header("Content-Length", str(len(data)))
+        req.end_headers()
+        if req.command != "HEAD":
+            req.wfile.write(data)

@@ -3,8 +3,10 @@ server and fake-gcs-server (tests/objstore.py). No network beyond 127.0.0.1. Eve
 checked against a local-disk run of the same work (bitwise rows, equal losses).
 
 Known emulator gap: fake-gcs-server ignores `ifGenerationMatch` on simple (media) uploads
-and deletes, the requests tensorstore's gcs driver sends, so conditional writes cannot be
-shown on it: the tests that need them are strict xfails on gs:// (real GCS honours them).
+and deletes, the requests tensorstore's gcs driver sends (a test below shows it). The lock
+tests on gs:// therefore send tensorstore's requests through `objstore.GcsPreconditions`, a
+loopback front that enforces GCS's documented ifGenerationMatch rule and passes everything
+else on; on s3:// moto checks If-Match / If-None-Match itself.
 """
 
 import json
@@ -33,8 +35,6 @@ from glp_jax.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 META = StoreMeta(model="m", layers=[0], d=8, shard_rows=64)
-NO_GCS_PRECONDITIONS = pytest.mark.xfail(
-    strict=True, reason="fake-gcs-server ignores ifGenerationMatch on media uploads/deletes")
 
 
 @pytest.fixture(scope="session", params=["s3", "gs"])
@@ -119,10 +119,30 @@ def _conditional_write_refuses_a_stale_generation(server):
     assert kv.read("k").result().value == b"2"
 
 
-def test_conditional_write_refuses_a_stale_generation(server, request):
-    if server.scheme == "gs":
-        request.applymarker(NO_GCS_PRECONDITIONS)
-    _conditional_write_refuses_a_stale_generation(server)
+@pytest.fixture
+def conditional(server, monkeypatch):
+    """The server, with GCS preconditions enforced by the loopback front on gs://."""
+    if server.scheme != "gs":
+        yield server
+        return
+    front = objstore.GcsPreconditions(server.endpoint)
+    monkeypatch.setenv("TENSORSTORE_GCS_HTTP_URL", front.url)  # tensorstore only
+    yield server
+    front.close()
+
+
+def test_conditional_write_refuses_a_stale_generation(conditional):
+    _conditional_write_refuses_a_stale_generation(conditional)
+
+
+def test_fake_gcs_server_alone_ignores_media_preconditions(server):
+    """The emulator gap the front fills (if this fails, the emulator learnt preconditions
+    and the front can go)."""
+    if server.scheme != "gs":
+        pytest.skip("moto honours If-Match / If-None-Match")
+    kv = open_kvstore(_unique(server, "gap"))
+    kv.write("k", b"1").result()
+    assert kv.write("k", b"stale", if_equal=b"\x02").result().generation  # accepted anyway
 
 
 def _race(url, n=6) -> list[str]:
@@ -159,17 +179,15 @@ def _plant(url, **changes):
     open_kvstore(url).write(LOCK_KEY, holder.to_bytes()).result()
 
 
-def test_racing_writers_exactly_one_wins_free_and_stale_lock(server, request, capsys):
-    if server.scheme == "gs":
-        request.applymarker(NO_GCS_PRECONDITIONS)
-    url = _unique(server, "race")
+def test_racing_writers_exactly_one_wins_free_and_stale_lock(conditional, capsys):
+    url = _unique(conditional, "race")
     assert _race(url) == ["refused"] * 5 + ["won"]
     _plant(url, pid=_dead_pid())  # the holder was killed: every racer sees it stale
     assert _race(url) == ["refused"] * 5 + ["won"]
 
 
-def test_live_holder_refused_dead_or_expired_holder_taken_over(server, capsys):
-    url = _unique(server, "lock")
+def test_live_holder_refused_dead_or_expired_holder_taken_over(conditional, capsys):
+    url = _unique(conditional, "lock")
     with WriterLock(url, "first writer"):
         with pytest.raises(WriterLockedError) as e:
             WriterLock(url, "second").acquire()
