@@ -81,6 +81,14 @@ def test_store_in_bucket_reads_bitwise_like_local_and_store_info(server, tmp_pat
     assert main(["store", "info", url, "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["rows"] == 256 and info["url"] == url and info["d"] == 8
+    assert main(["store", "verify", url]) == 0
+    kv = open_kvstore(url)  # flip one bit of the second shard object: verify names it
+    raw = bytearray(kv.read("layer_0/c/1/0").result().value)
+    raw[100] ^= 1
+    kv.write("layer_0/c/1/0", bytes(raw)).result()
+    capsys.readouterr()
+    assert main(["store", "verify", url]) == 1
+    assert "layer 0 rows [64, 96): checksum mismatch" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("case", ["missing bucket", "unreachable endpoint", "train into it"])
