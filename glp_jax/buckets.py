@@ -59,7 +59,9 @@ def _checked_s3(bucket: str, endpoint: str | None, region: str | None) -> None:
                               f"fix the bucket name (or AWS_ENDPOINT_URL)") from None
         if code in ("403", "AccessDenied", "Forbidden"):
             raise BucketError(f"s3://{bucket}: access denied at {where}; check the credentials "
-                              f"(AWS_ACCESS_KEY_ID / AWS_PROFILE) and the bucket policy") from None
+                              f"(AWS_ACCESS_KEY_ID / AWS_PROFILE) and the bucket policy (or set "
+                              f"GLP_BUCKET_CHECK=0 if they may use objects but not list the "
+                              f"bucket)") from None
         raise BucketError(f"s3://{bucket}: {where} answered {code or e}; check the bucket "
                           f"and AWS_ENDPOINT_URL / AWS_REGION") from None
 
@@ -89,7 +91,9 @@ def _checked_gcs(bucket: str, endpoint: str | None) -> None:
                           f"the network (and STORAGE_EMULATOR_HOST if you use an emulator)") from None
     except gx.Forbidden:
         raise BucketError(f"gs://{bucket}: access denied; check the credentials "
-                          f"(GOOGLE_APPLICATION_CREDENTIALS) and the bucket's IAM") from None
+                          f"(GOOGLE_APPLICATION_CREDENTIALS) and the bucket's IAM (or set "
+                          f"GLP_BUCKET_CHECK=0 if they may use objects but not read the "
+                          f"bucket's metadata)") from None
     except gx.GoogleAPIError as e:
         raise BucketError(f"gs://{bucket}: {where} answered {str(e)[:200]}") from None
     if found is None:
