@@ -5,7 +5,8 @@ optimizer state, data-iterator state and the resolved config (the RNG is the see
 with the step). Preservation keeps the last N steps (for resuming) plus the original's
 log-spaced "epoch" steps forever (`epoch` recorded in the saved config). One manager, not
 two: two async managers of one multi-process run deadlocked on orbax's barriers.
-Saves are atomic (orbax writes a temporary folder and renames it when complete), so a run
+Saves are atomic (orbax writes a temporary folder and renames it when complete; in a bucket,
+which cannot rename, it writes the step in place and adds commit_success.txt last), so a run
 killed mid-save restores from the previous complete checkpoint. Restores always go through
 a sharded abstract target, so a checkpoint saved on N devices restores on M.
 

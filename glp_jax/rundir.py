@@ -9,7 +9,10 @@
     evals/          evaluation results written by glp_jax.evals (<name>.json, <name>.md)
 
 Small files are written atomically (temp file + rename), so a reader (a follower, a
-resume, `glp fit` on a live sweep) never sees half a file.
+resume, `glp fit` on a live sweep) never sees half a file. Buckets have no rename and no
+append, but replace one object atomically: every file there is one PUT of its whole
+content, metrics.jsonl included (rewritten whole per row), so a killed writer leaves the
+previous complete file, never a torn line.
 """
 
 from __future__ import annotations
