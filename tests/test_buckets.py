@@ -215,6 +215,31 @@ def test_live_holder_refused_dead_or_expired_holder_taken_over(conditional, caps
         WriterLock(url, "too early").acquire()
 
 
+def test_writer_whose_lease_was_taken_stops_before_its_commit(conditional, monkeypatch,
+                                                               capsys):
+    """A's heartbeat stalls past its lease, B takes over; A's next heartbeat PUT fails its
+    condition (the object changed), so A's next append raises and writes nothing."""
+    from glp_jax.errors import WriterLockLostError
+
+    url = _unique(conditional, "lease")
+    monkeypatch.setenv("GLP_LOCK_LEASE_S", "0.2")
+    monkeypatch.setenv("GLP_LOCK_HEARTBEAT_S", "1000")
+    a = ActivationStore.open_for_writing(url, META, "writer A")
+    a.append({0: _rows(16)}, np.zeros(16), np.arange(16))
+    time.sleep(0.4)
+    monkeypatch.setenv("GLP_LOCK_LEASE_S", "120")
+    b = WriterLock(url, "writer B").acquire()
+    assert "heartbeat stopped" in capsys.readouterr().err
+    a._lock.refresh()
+    with pytest.raises(WriterLockLostError, match="writer B"):
+        a.append({0: _rows(16, seed=1)}, np.zeros(16), np.arange(16))
+    assert len(ActivationStore.open(url)) == 16
+    a.close()  # does not release B's lock
+    assert read_holder(url).what == "writer B"
+    b.release()
+    assert read_holder(url) is None
+
+
 # ------------------------------------------------------------------ crash safety (kill -9)
 STORE_WRITER = textwrap.dedent("""
     import sys, numpy as np
