@@ -14,7 +14,8 @@ A lock is stale, and the next writer takes it over with a warning, when
     machine died or lost the store.
 A holder that finds its lease taken (its heartbeat write fails its condition, or it could
 not refresh for a whole lease) raises WriterLockLostError at its next `check()`, before
-writing more. Readers never touch the lock.
+writing more. Readers never touch the lock. Release deletes the key with a condition;
+on s3://, whose deletes carry none, it overwrites the key with RELEASED instead.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ import uuid
 from glp_jax.errors import GLPError, WriterLockedError, WriterLockLostError, warn
 
 LOCK_KEY = "glp_writer.lock"
+# What a released lock holds on s3://, where deletes carry no condition (tensorstore sends a
+# checked HEAD, then a plain DELETE): a conditional PUT of this marker releases atomically.
+RELEASED = b"released\n"
 
 
 def heartbeat_s() -> float:
@@ -156,7 +160,7 @@ class WriterLock:
                                f"({str(e).splitlines()[0][:200]}); check the path and its "
                                f"permissions") from None
             previous, why = None, None
-            if found.state == "value":
+            if found.state == "value" and found.value != RELEASED:
                 try:
                     previous = Holder.from_bytes(found.value)
                     why = previous.gone()
@@ -176,7 +180,7 @@ class WriterLock:
                                f"({str(e).splitlines()[0][:200]}); check that it is writable") from None
             if stamp.generation:  # our condition held: the lock is ours
                 self._gen, self._last_beat, self._me = stamp.generation, me.heartbeat, me
-                if found.state == "value":
+                if found.state == "value" and found.value != RELEASED:
                     who = previous.describe() if previous else "an unknown writer"
                     warn(f"took over the writer lock of {self.url} from {who}: {why}")
                 self._start_heartbeat()
@@ -232,8 +236,9 @@ class WriterLock:
             self._thread = None
         with self._mutex:
             if self._gen is not None and not self._lost:
+                freed = RELEASED if self.url.startswith("s3://") else None
                 try:
-                    self._kv().write(LOCK_KEY, None, if_equal=self._gen).result()
+                    self._kv().write(LOCK_KEY, freed, if_equal=self._gen).result()
                 except ValueError:
                     pass  # unreachable storage: the lease expires by itself
             self._gen = None
@@ -250,7 +255,7 @@ def read_holder(url: str) -> Holder | None:
     from glp_jax.kv import open_kvstore
 
     found = open_kvstore(url).read(LOCK_KEY).result()
-    if found.state != "value":
+    if found.state != "value" or found.value == RELEASED:
         return None
     try:
         return Holder.from_bytes(found.value)

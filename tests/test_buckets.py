@@ -29,7 +29,7 @@ from glp_jax.config import load_config
 from glp_jax.data.store import ActivationStore, StoreMeta
 from glp_jax.errors import WriterLockedError
 from glp_jax.kv import open_kvstore
-from glp_jax.lock import LOCK_KEY, Holder, WriterLock, read_holder
+from glp_jax.lock import LOCK_KEY, RELEASED, Holder, WriterLock, read_holder
 from glp_jax.rundir import read_metrics
 from glp_jax.train import train
 
@@ -200,7 +200,9 @@ def test_live_holder_refused_dead_or_expired_holder_taken_over(conditional, caps
         with pytest.raises(WriterLockedError) as e:
             WriterLock(url, "second").acquire()
         assert "first writer" in str(e.value) and f"pid {os.getpid()}" in str(e.value)
-    assert read_holder(url) is None  # released: the key is deleted
+    assert read_holder(url) is None  # released: the key deleted (gs) or marked (s3)
+    released = open_kvstore(url).read(LOCK_KEY).result()
+    assert (released.value == RELEASED) if conditional.scheme == "s3" else released.state == "missing"
     pid = _dead_pid()
     _plant(url, pid=pid)
     with WriterLock(url, "after kill -9"):
