@@ -8,6 +8,7 @@ standard variables a client needs: the code under test reads nothing else.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -83,11 +84,14 @@ def start_s3(tmp: Path) -> ObjectServer:
     _wait_http(endpoint + "/moto-api/", proc, log)
     env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test",
            "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1"}
+    server = ObjectServer("s3", endpoint, env, proc, log)
     import boto3
 
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="test",
-                 aws_secret_access_key="test").create_bucket(Bucket=BUCKET)
-    return ObjectServer("s3", endpoint, env, proc, log)
+    with _closed_on_error(server):
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                     aws_access_key_id="test", aws_secret_access_key="test",
+                     ).create_bucket(Bucket=BUCKET)
+    return server
 
 
 def fake_gcs_binary() -> str:
@@ -105,11 +109,23 @@ def start_gcs(tmp: Path) -> ObjectServer:
                    "-backend", "memory", "-external-url", endpoint,
                    "-public-host", f"127.0.0.1:{port}", "-log-level", "error"], log)
     _wait_http(endpoint + "/storage/v1/b", proc, log)
+    server = ObjectServer("gs", endpoint, {"STORAGE_EMULATOR_HOST": endpoint}, proc, log)
     req = urllib.request.Request(f"{endpoint}/storage/v1/b?project=test",
                                  data=json.dumps({"name": BUCKET}).encode(), method="POST",
                                  headers={"Content-Type": "application/json"})
-    urllib.request.urlopen(req, timeout=10).close()
-    return ObjectServer("gs", endpoint, {"STORAGE_EMULATOR_HOST": endpoint}, proc, log)
+    with _closed_on_error(server):
+        urllib.request.urlopen(req, timeout=10).close()
+    return server
+
+
+@contextlib.contextmanager
+def _closed_on_error(server: ObjectServer):
+    """Stop the server if setting it up fails (no emulator outlives a failed fixture)."""
+    try:
+        yield
+    except BaseException:
+        server.close()
+        raise
 
 
 def start(scheme: str, tmp: Path) -> ObjectServer:
