@@ -72,14 +72,21 @@ def teach_orbax_s3() -> None:
     """orbax 0.12 builds tensorstore specs for local paths and gs:// only (an s3:// path
     is refused as not absolute): give its spec builder our s3 spec (glp_jax.kv.s3_spec,
     with the endpoint and credentials from the environment). Idempotent."""
-    from orbax.checkpoint._src.path import gcs_utils
-    from orbax.checkpoint._src.serialization import tensorstore_utils as tsu
+    try:
+        from orbax.checkpoint._src.path import gcs_utils
+        from orbax.checkpoint._src.serialization import tensorstore_utils as tsu
+
+        if getattr(tsu, "_glp_s3", False):
+            return
+        use_gcs, normalize = tsu._use_gcs_driver, tsu._normalize_path
+        gcs_spec = gcs_utils.get_kvstore_for_gcs
+    except (ImportError, AttributeError) as e:
+        raise CheckpointError(
+            f"checkpoints in s3:// need orbax-checkpoint internals that orbax "
+            f"{ocp.__version__} does not have ({e}); install the version in requirements.txt "
+            "(checked: 0.12.8) or keep output_path on gs:// or a local disk") from e
 
     from glp_jax.kv import s3_spec
-
-    if getattr(tsu, "_glp_s3", False):
-        return
-    use_gcs, normalize, gcs_spec = tsu._use_gcs_driver, tsu._normalize_path, gcs_utils.get_kvstore_for_gcs
 
     def to_url(path: str) -> str:
         return "s3://" + str(path).removeprefix("s3://").removeprefix("s3:/")
