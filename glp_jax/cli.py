@@ -34,15 +34,48 @@ def positive_int(text: str) -> int:
     return value
 
 
+def _worker_ids(args) -> tuple[int, int]:
+    """(worker, workers) from --worker/--workers; `--workers slurm` reads SLURM_PROCID and
+    SLURM_NTASKS (one worker per srun task)."""
+    if args.workers == "slurm":
+        if "SLURM_NTASKS" not in os.environ or "SLURM_PROCID" not in os.environ:
+            raise GLPError("--workers slurm needs SLURM_NTASKS and SLURM_PROCID: run it under "
+                           "srun, or give --worker I --workers N")
+        return int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"])
+    try:
+        workers = int(args.workers)
+    except ValueError:
+        raise GLPError(f"--workers must be a positive integer or 'slurm', got {args.workers!r}") from None
+    if workers < 1 or not 0 <= args.worker < workers:
+        raise GLPError(f"--worker {args.worker} is not in [0, --workers {workers}); number the "
+                       f"workers 0..{workers - 1}")
+    return args.worker, workers
+
+
+def _open_extract_store(args, meta, worker: int, workers: int):
+    """The store this process writes: --out itself, or its worker's sub-store under it."""
+    from glp_jax.data.multistore import is_multi_root, open_worker_for_writing
+    from glp_jax.data.store import ActivationStore
+
+    if workers > 1:
+        return open_worker_for_writing(args.out, meta, worker, workers, args.worker_block_rows)
+    if is_multi_root(args.out):
+        raise GLPError(f"{args.out} holds a multi-worker store: pass --worker I --workers N "
+                       f"with its worker count")
+    return ActivationStore.open_for_writing(args.out, meta, "glp extract")
+
+
 def cmd_extract(args) -> int:
     from glp_jax.config import ExtractConfig
-    from glp_jax.data.corpus import open_corpus
-    from glp_jax.data.store import ActivationStore
+    from glp_jax.data.corpus import WorkerShard, open_corpus
+    from glp_jax.data.multistore import worker_share
     from glp_jax.llm.extract import Extractor, extract_to_store, extraction_meta
     from glp_jax.llm.loading import load_causal_lm, load_config, resolve_model
+    from glp_jax.preempt import PreemptionGuard
 
     if args.max_tokens <= 0:
         raise GLPError(f"--max-tokens must be positive, got {args.max_tokens}")
+    worker, workers = _worker_ids(args)
     llm_cfg = load_config(args.model)
     n_layers = int(llm_cfg.num_hidden_layers)
     cfg = ExtractConfig(
@@ -54,14 +87,19 @@ def cmd_extract(args) -> int:
     corpus = open_corpus(cfg.corpus)
     _, model_id = resolve_model(cfg.model)
     meta = extraction_meta(cfg, model_id, int(llm_cfg.hidden_size), corpus.name)
+    target = worker_share(args.max_tokens, worker, workers)
+    if workers > 1:
+        corpus = WorkerShard(corpus, worker, workers)
     # Take the writer lock and validate against an existing store before the (slow) weight
-    # load; a second writer or a mismatch is refused and changes nothing.
-    with ActivationStore.open_for_writing(args.out, meta, "glp extract") as store:
+    # load; a second writer or a mismatch is refused and changes nothing. A SIGTERM/SIGINT
+    # stops at the next window boundary with the finished documents committed (exit 75).
+    with PreemptionGuard() as guard, _open_extract_store(args, meta, worker, workers) as store:
         lm = load_causal_lm(cfg.model, dtype=cfg.llm_dtype, device=cfg.device)
-        res = extract_to_store(Extractor(lm, cfg), corpus, store, args.max_tokens,
-                               progress=not args.quiet)
+        res = extract_to_store(Extractor(lm, cfg), corpus, store, target,
+                               progress=not args.quiet, guard=guard)
     rate = res.tokens_run / res.seconds if res.seconds else 0.0
-    print(f"store {args.out}: {res.rows} rows (+{res.rows_added}), layers {cfg.layers}, "
+    who = f" worker {worker}/{workers}" if workers > 1 else ""
+    print(f"store {args.out}{who}: {res.rows} rows (+{res.rows_added}), layers {cfg.layers}, "
           f"d={meta.d}, {res.docs_done} documents done, {rate:.0f} tokens/s")
     return 0
 
@@ -86,6 +124,15 @@ def cmd_store_info(args) -> int:
           f"rows (a random row costs one chunk read)")
     print(f"checks:  {CHECKSUM_TEXT[info['checksums']]}")
     print(f"created: {info['created_by']}")
+    if "workers" in info:  # a multi-worker store: one logical store over worker sub-stores
+        ws = info["workers"]
+        print(f"workers: {len(ws)} (blocks of {info['block_rows']:,} rows, round-robin); "
+              f"{info['committed_rows']:,} rows committed, {info['rows']:,} visible in order; "
+              f"stats below cover every committed row")
+        for w in ws:
+            state = ("finished" if w["finished"] else "running/stopped" if w["started"]
+                     else "not started")
+            print(f"  worker {w['worker']}: {w['rows']:,} rows, {w['visible']:,} visible, {state}")
     for k, s in info["stats"].items():
         if s["count"]:
             print(f"layer {k}: count {s['count']:,}  mean|mu| {s['mean_abs_mean']:.4g}  "
@@ -491,6 +538,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-tokens", type=int, default=xd.batch_tokens)
     e.add_argument("--window-docs", type=int, default=xd.window_docs)
     e.add_argument("--flush-rows", type=int, default=xd.flush_rows)
+    e.add_argument("--worker", type=int, default=0, help="this worker's id, 0..N-1")
+    e.add_argument("--workers", default="1",
+                   help="N workers on disjoint documents write one logical store under --out "
+                        "(`slurm`: SLURM_PROCID / SLURM_NTASKS)")
+    e.add_argument("--worker-block-rows", type=int, default=16384,
+                   help="rows per block in the workers' round-robin row order")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(fn=cmd_extract)
 

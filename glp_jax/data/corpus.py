@@ -6,11 +6,19 @@ Spec strings accepted by `open_corpus`:
     PATH.txt                    documents separated by blank lines (or by lines of `%`)
     PATH.jsonl                  one JSON object per line: {"text": ..., "label": ...}
     PATH.parquet                columns text (and optional label)
-    hf:NAME[:CONFIG[:SPLIT]]    Hugging Face `datasets` streaming (needs network + `datasets`)
+    hf:NAME[:CONFIG[:SPLIT]]    Hugging Face `datasets` streaming from the hub (needs network)
+    hf:DIR[:SPLIT]              the same `datasets` streaming code path over a local folder
+                                (DIR starts with / . or ~): parquet or json(l) shards named
+                                like the hub's (train-*.parquet, validation-*.jsonl, ...);
+                                SPLIT (default train) picks the folder's split
 
 Finite corpora are permuted with `seed` (the original: seed 42), and the last `val_docs`
 documents of that permutation are the validation split. Streaming corpora cannot be
 permuted: their first `val_docs` documents are validation, the rest train.
+
+Many extraction workers: `WorkerShard(corpus, worker, workers)` keeps the documents of the
+split whose index i has i % workers == worker (the same split, so the held-out documents are
+the same whatever the worker count); each worker sees them renumbered 0, 1, 2, ...
 """
 
 from __future__ import annotations
@@ -77,10 +85,14 @@ class Corpus:
 
 
 class StreamingCorpus:
-    """A Hugging Face `datasets` stream (e.g. FineWeb sample-10BT); order is the stream's."""
+    """A Hugging Face `datasets` stream (e.g. FineWeb sample-10BT, or a local folder of
+    parquet/json shards); order is the stream's. Resuming re-reads the stream up to the
+    cursor (reading text is cheap next to the LLM forward)."""
 
     def __init__(self, name: str, config: str | None, hf_split: str):
         self.name = f"hf:{name}" + (f":{config}" if config else "")
+        if hf_split != "train":  # a folder has no config: hf:DIR:SPLIT
+            self.name += f":{hf_split}" if config or is_local_dataset(name) else f"::{hf_split}"
         self._args = (name, config, hf_split)
 
     def _stream(self):
@@ -89,7 +101,13 @@ class StreamingCorpus:
         import datasets
 
         name, config, hf_split = self._args
-        return datasets.load_dataset(name, config, split=hf_split, streaming=True)
+        try:
+            return datasets.load_dataset(name, config, split=hf_split, streaming=True)
+        except (FileNotFoundError, ValueError) as e:
+            where = ("the folder holds no parquet/json shards for that split" if
+                     is_local_dataset(name) else "offline (HF_HUB_OFFLINE=1) or a wrong name")
+            raise GLPError(f"cannot stream {self.name} split {hf_split!r} ({where}): "
+                           f"{str(e).splitlines()[0][:200]}") from e
 
     def iter_split(self, split: str, seed: int = 42, val_docs: int | None = None,
                    start: int = 0) -> Iterator[tuple[int, Document]]:
@@ -100,6 +118,49 @@ class StreamingCorpus:
         elif split == "train":
             rows = itertools.islice(rows, n_val, None)
         yield from enumerate(itertools.islice(rows, start, None), start=start)
+
+
+def is_local_dataset(name: str) -> bool:
+    """`hf:` names that are folders on this machine rather than hub repositories."""
+    return name.startswith(("/", ".", "~"))
+
+
+def _hf_corpus(rest: str) -> StreamingCorpus:
+    """hf:NAME[:CONFIG[:SPLIT]] (hub) or hf:DIR[:SPLIT] (local folder, same code path)."""
+    if is_local_dataset(rest):
+        path, _, hf_split = rest.partition(":")
+        full = os.path.abspath(os.path.expanduser(path))
+        if not os.path.isdir(full):
+            raise GLPError(f"corpus hf:{path}: {full} is not a folder; give a folder of "
+                           f"parquet/json shards (train-*.parquet, validation-*.jsonl, ...)")
+        return StreamingCorpus(full, None, hf_split or "train")
+    parts = rest.split(":")
+    return StreamingCorpus(parts[0], parts[1] if len(parts) > 1 and parts[1] else None,
+                           parts[2] if len(parts) > 2 and parts[2] else "train")
+
+
+class WorkerShard:
+    """Documents i % workers == worker of a corpus split, renumbered 0, 1, ... (the split
+    itself, val_docs included, is the corpus's, so every worker count holds out the same
+    documents). `global_index(j)` is the split index of this shard's document j."""
+
+    def __init__(self, corpus: Corpus | StreamingCorpus, worker: int, workers: int):
+        if workers < 1 or not 0 <= worker < workers:
+            raise GLPError(f"worker {worker} is not in [0, workers={workers}); number workers "
+                           f"0..{workers - 1}")
+        self.corpus, self.worker, self.workers = corpus, worker, workers
+        self.name = corpus.name
+
+    def global_index(self, j: int) -> int:
+        return j * self.workers + self.worker
+
+    def iter_split(self, split: str, seed: int = 42, val_docs: int | None = None,
+                   start: int = 0) -> Iterator[tuple[int, Document]]:
+        it = self.corpus.iter_split(split, seed=seed, val_docs=val_docs,
+                                    start=self.global_index(start))
+        for i, doc in it:
+            if i % self.workers == self.worker:
+                yield i // self.workers, doc
 
 
 def fortune_dir() -> Path:
@@ -181,9 +242,7 @@ def open_corpus(spec: str) -> Corpus | StreamingCorpus:
         cats = spec.split(":", 1)[1].split(",") if ":" in spec else None
         return fortune_corpus(cats)
     if spec.startswith("hf:"):
-        parts = spec[3:].split(":")
-        return StreamingCorpus(parts[0], parts[1] if len(parts) > 1 and parts[1] else None,
-                               parts[2] if len(parts) > 2 else "train")
+        return _hf_corpus(spec[3:])
     path = Path(spec)
     if not path.exists():
         raise GLPError(f"corpus {spec!r} not found: give `fortune`, `hf:NAME[:CONFIG]`, or an "

@@ -228,6 +228,10 @@ class ActivationStore:
                              f"Create one with `glp extract --out {url} ...`.")
         kv = ts.KvStore.open(kvstore_spec(url), context=context).result()
         raw = kv.read(META_KEY).result()
+        if raw.state != "value" and kv.read("glp_workers.json").result().state == "value":
+            from glp_jax.data.multistore import MultiWorkerStore  # many workers, one store
+
+            return MultiWorkerStore.open(url)
         if raw.state != "value" and kv.read(COMMIT_KEY).result().state == "value":
             raise StoreError(f"{url}: creating this store was interrupted ({COMMIT_KEY} but no "
                              f"{META_KEY}); it holds no rows. Delete the folder and rerun.")

@@ -103,6 +103,10 @@ def _compare(mine: Moments, committed: Moments) -> str:
 
 
 def verify_store(url: str, progress: bool = True) -> VerifyReport:
+    from glp_jax.data.multistore import is_multi_root, verify_workers
+
+    if is_multi_root(url):
+        return verify_workers(url, progress)
     store = ActivationStore.open(url)
     n, sr = len(store), store.meta.shard_rows
     report = VerifyReport(store.url, n, store.checksums())

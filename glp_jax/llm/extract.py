@@ -13,6 +13,15 @@ document order and committed only at window boundaries (or at the `max_tokens` c
 a cursor (documents done, rows of the next document done). A resumed run recomputes the
 window holding the cursor with identical batches and skips what was already committed, so
 it reproduces an uninterrupted run bit for bit.
+
+Preemption: with a `PreemptionGuard`, a SIGTERM/SIGINT is honoured at the next window
+boundary (the unit of compute: a window's batches are all computed before its rows are
+emitted): the rows of finished documents are committed, and `Preempted` is raised; the
+caller's `with` releases the writer lock. A window should take well under the grace period
+between SIGTERM and SIGKILL (SLURM/spot VMs: ~30 s); lower --window-docs if it does not.
+
+Workers: a `WorkerShard` corpus gives each worker its documents renumbered 0, 1, ...; the
+cursor counts those, and `doc_ids` stores their split index (`global_index`).
 """
 
 from __future__ import annotations
@@ -24,10 +33,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from glp_jax.config import TOKEN_POLICIES, ExtractConfig
-from glp_jax.data.corpus import Corpus, Document, StreamingCorpus
+from glp_jax.data.corpus import Corpus, Document, StreamingCorpus, WorkerShard
 from glp_jax.data.store import ActivationStore, StoreMeta
 from glp_jax.errors import GLPError
 from glp_jax.llm.loading import LoadedLM
+from glp_jax.preempt import PreemptionGuard
 from glp_jax.progress import progress_bar
 
 
@@ -230,10 +240,12 @@ class ExtractResult:
     complete: bool  # reached max_tokens or the end of the corpus
 
 
-def extract_to_store(extractor: Extractor, corpus: Corpus | StreamingCorpus,
-                     store: ActivationStore, max_tokens: int, progress: bool = True) -> ExtractResult:
+def extract_to_store(extractor: Extractor, corpus: Corpus | StreamingCorpus | WorkerShard,
+                     store: ActivationStore, max_tokens: int, progress: bool = True,
+                     guard: PreemptionGuard | None = None) -> ExtractResult:
     """Append rows to `store` until it holds `max_tokens` rows or the split ends; resumes
-    from the store's cursor. Split, seed and batching come from `extractor.cfg`."""
+    from the store's cursor. Split, seed and batching come from `extractor.cfg`. With a
+    `guard`, a stop request commits the finished documents and raises `Preempted`."""
     if max_tokens <= 0:
         raise GLPError(f"max_tokens must be positive, got {max_tokens}")
     cfg = extractor.cfg
@@ -263,6 +275,7 @@ def extract_to_store(extractor: Extractor, corpus: Corpus | StreamingCorpus,
         if len(store) == 0:
             raise GLPError(f"corpus split {split!r} produced no storable tokens: nothing to extract")
         return ExtractResult(len(store), 0, docs_done, 0, 0.0, True)
+    doc_id = getattr(corpus, "global_index", lambda j: j)
     n0, t0 = len(store), time.perf_counter()
     pending: dict = {"acts": {k: [] for k in extractor.layers}, "tok": [], "doc": [], "n": 0}
     tokens_run = 0
@@ -299,7 +312,7 @@ def extract_to_store(extractor: Extractor, corpus: Corpus | StreamingCorpus,
                 for k in extractor.layers:
                     pending["acts"][k].append(acts[k][skip: skip + take])
                 pending["tok"].append(toks[skip: skip + take])
-                pending["doc"].append(np.full(take, doc_i, np.int32))
+                pending["doc"].append(np.full(take, doc_id(doc_i), np.int32))
                 pending["n"] += take
                 bar.update(take)
             if skip + take < len(toks):  # cut by max_tokens inside this document
@@ -315,6 +328,11 @@ def extract_to_store(extractor: Extractor, corpus: Corpus | StreamingCorpus,
             flush({"docs_done": docs_done, "doc_rows_done": 0})
         elapsed = time.perf_counter() - t0
         bar.set_postfix(docs=docs_done, tok_s=f"{tokens_run / max(elapsed, 1e-9):.0f}")
+        if guard is not None and guard.requested:
+            flush({"docs_done": docs_done, "doc_rows_done": 0})
+            bar.close()
+            raise guard.stop(f"after document {docs_done} of store {store.url}",
+                             f"{len(store)} rows committed")
     if not done:
         # End of the split: commit the rest and remember it so reruns return at once.
         flush({"docs_done": docs_done, "doc_rows_done": 0, "exhausted": True})
