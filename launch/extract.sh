@@ -2,16 +2,72 @@
 # Activation extraction on a GPU node: train and validation stores of one model/layer.
 #   MODEL=meta-llama/Llama-3.2-1B LAYERS=7 NAME=llama1b-l07-fineweb \
 #   CORPUS=hf:HuggingFaceFW/fineweb:sample-10BT TRAIN_TOKENS=1024000000 launch/extract.sh
+# Many workers, one logical train store (each worker: its own GPU, documents i % N == w):
+#   WORKERS=8 ... launch/extract.sh            8 processes on this node, GPU i for worker i
+#   sbatch --ntasks=32 --gpus-per-task=1 --requeue --wrap "srun env WORKERS=slurm ... launch/extract.sh"
+#                                              one worker per SLURM task (SLURM_PROCID/NTASKS)
+# A worker stopped by SIGTERM commits its finished documents and exits 75; it is rerun
+# (it resumes) up to MAX_RESTARTS times. A signal to this script itself (Ctrl-C, the job
+# ending) stops the loop; under SLURM, --requeue then restarts the job, which resumes.
 source "$(dirname "$0")/common.sh"
 MODEL="${MODEL:-smollm2}"
 LAYERS="${LAYERS:-middle}"
 CORPUS="${CORPUS:-fortune}"
 NAME="${NAME:?set NAME (the store folder under DATA_ROOT)}"
 DEVICE="${DEVICE:-cuda}"
+WORKERS="${WORKERS:-1}"
+MAX_RESTARTS="${MAX_RESTARTS:-3}"
 COMMON=(--model "$MODEL" --layers "$LAYERS" --corpus "$CORPUS" --device "$DEVICE"
         --llm-dtype "${LLM_DTYPE:-bfloat16}" --batch-tokens "${BATCH_TOKENS:-65536}"
         --seed "${SEED:-42}")
-run "$GLP" extract "${COMMON[@]}" --split val --max-tokens "${VAL_TOKENS:-10000000}" \
-  --out "${DATA_ROOT}/${NAME}/val"
-run "$GLP" extract "${COMMON[@]}" --split train --max-tokens "${TRAIN_TOKENS:-1024000000}" \
-  --out "${DATA_ROOT}/${NAME}/train"
+STOPPING=0
+trap 'STOPPING=1' INT TERM
+
+# requeue CMD...: run CMD; on exit 75 (preempted, progress committed) rerun it, bounded.
+requeue() {
+  local tries=0 rc
+  while true; do
+    rc=0
+    run "$@" || rc=$?
+    if [[ $rc -ne 75 || $STOPPING -eq 1 || $tries -ge $MAX_RESTARTS ]]; then return "$rc"; fi
+    tries=$((tries + 1))
+    echo "extract.sh: $* was preempted (exit 75); rerun $tries of $MAX_RESTARTS" >&2
+  done
+}
+
+VAL=("$GLP" extract "${COMMON[@]}" --split val --max-tokens "${VAL_TOKENS:-10000000}"
+     --out "${DATA_ROOT}/${NAME}/val")
+TRAIN=("$GLP" extract "${COMMON[@]}" --split train --max-tokens "${TRAIN_TOKENS:-1024000000}"
+       --out "${DATA_ROOT}/${NAME}/train")
+
+if [[ "$WORKERS" == "slurm" ]]; then
+  # Every task runs this script; task 0 also writes the (small) validation store.
+  if [[ "${SLURM_PROCID:-0}" == "0" ]]; then requeue "${VAL[@]}"; fi
+  requeue "${TRAIN[@]}" --workers slurm
+elif [[ "$WORKERS" -gt 1 ]]; then
+  requeue "${VAL[@]}"
+  pids=()
+  for ((w = 0; w < WORKERS; w++)); do
+    gpu=()
+    if [[ "$DEVICE" == cuda* ]]; then gpu=(env "CUDA_VISIBLE_DEVICES=$w"); fi
+    if [[ "${DRY_RUN:-0}" == "1" ]]; then
+      requeue "${gpu[@]}" "${TRAIN[@]}" --worker "$w" --workers "$WORKERS"
+    else
+      requeue "${gpu[@]}" "${TRAIN[@]}" --worker "$w" --workers "$WORKERS" &
+      pids+=($!)
+    fi
+  done
+  status=0
+  for pid in "${pids[@]}"; do  # a trapped signal interrupts `wait`: wait again for the worker
+    while true; do
+      rc=0; wait "$pid" || rc=$?
+      if [[ $rc -gt 128 ]] && kill -0 "$pid" 2>/dev/null; then continue; fi
+      break
+    done
+    if [[ $rc -ne 0 ]]; then status=$rc; fi
+  done
+  exit "$status"
+else
+  requeue "${VAL[@]}"
+  requeue "${TRAIN[@]}"
+fi

@@ -271,3 +271,35 @@ def test_sigterm_stops_extract_and_rerun_resumes(smollm2, tmp_path, capsys):
         cfg, smollm2.model_id, smollm2.d, corpus.name))
     extract_to_store(Extractor(smollm2, cfg), corpus, ref, 400, progress=False)
     _same_rows(ActivationStore.open(out), ref)
+
+
+# ----------------------------------------------------------------------------- launcher
+def _launch(tmp_path, **env):
+    full = {**os.environ, "GLP": "glp", "NAME": "x", "DATA_ROOT": "/d", **env}
+    return subprocess.run(["bash", str(ROOT / "launch" / "extract.sh")], env=full, cwd=ROOT,
+                          capture_output=True, text=True)
+
+
+def test_launcher_workers_and_bounded_requeue(tmp_path):
+    import shlex
+
+    out = _launch(tmp_path, DRY_RUN="1", WORKERS="2").stdout.strip().splitlines()
+    val, *train = [shlex.split(ln) for ln in out]
+    assert val[val.index("--split") + 1] == "val" and len(train) == 2
+    for w, cmd in enumerate(train):
+        assert cmd[:2] == ["env", f"CUDA_VISIBLE_DEVICES={w}"]
+        assert cmd[cmd.index("--worker") + 1] == str(w) and cmd[cmd.index("--workers") + 1] == "2"
+        assert cmd[cmd.index("--out") + 1] == "/d/x/train"
+    # A worker that keeps exiting 75 (preempted) is rerun MAX_RESTARTS times, then gives up
+    # with 75; the validation run (exit 0) runs once.
+    log = tmp_path / "calls"
+    fake = tmp_path / "glp"
+    fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {log}\n'
+                    '[[ "$*" == *"--split train"* ]] && exit 75\nexit 0\n')
+    fake.chmod(0o755)
+    res = _launch(tmp_path, GLP=str(fake), MAX_RESTARTS="2")
+    assert res.returncode == 75
+    calls = log.read_text().splitlines()
+    assert sum("--split val" in c for c in calls) == 1
+    assert sum("--split train" in c for c in calls) == 3
+    assert res.stderr.count("preempted (exit 75)") == 2
