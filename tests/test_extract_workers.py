@@ -107,7 +107,8 @@ def test_layout_visible_prefix_only_grows():
     assert prev[:, 3].sum() == sum(final) and prev[-1].tolist()[1:] == [0, 256, 44]
 
 
-def test_worker_settings_errors(tmp_path):
+def test_worker_settings_errors(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("SLURM_NTASKS", raising=False)
     meta = StoreMeta(model="m", layers=[3], d=8, corpus="c")
     root = str(tmp_path / "root")
     held = open_worker_for_writing(root, meta, 0, 2, BLOCK)
@@ -126,6 +127,13 @@ def test_worker_settings_errors(tmp_path):
     plain = ActivationStore.create(str(tmp_path / "plain"), meta)
     with pytest.raises(StoreError, match="holds a single-worker store"):
         open_worker_for_writing(plain.url, meta, 0, 2, BLOCK)
+    from glp_jax.cli import main
+
+    assert main(["extract", "--corpus", "fortune:riddles", "--max-tokens", "10", "--out", root]) == 2
+    assert "holds a multi-worker store: pass --worker I --workers N" in capsys.readouterr().err
+    assert main(["extract", "--corpus", "fortune:riddles", "--max-tokens", "10", "--out", root,
+                 "--workers", "slurm"]) == 2
+    assert "--workers slurm needs SLURM_NTASKS" in capsys.readouterr().err
     # A sub-store of another worker moved into this slot is refused on reading.
     os.rename(os.path.join(root, worker_dir(0, 2)), os.path.join(root, worker_dir(1, 2)))
     with pytest.raises(StoreError, match="is not worker 1 of this store"):

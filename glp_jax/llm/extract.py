@@ -279,7 +279,8 @@ def extract_to_store(extractor: Extractor, corpus: Corpus | StreamingCorpus | Wo
     n0, t0 = len(store), time.perf_counter()
     pending: dict = {"acts": {k: [] for k in extractor.layers}, "tok": [], "doc": [], "n": 0}
     tokens_run = 0
-    bar = _progress(progress, total=max_tokens, initial=min(n0, max_tokens))
+    who = f" worker {corpus.worker}/{corpus.workers}" if isinstance(corpus, WorkerShard) else ""
+    bar = _progress(progress, total=max_tokens, initial=min(n0, max_tokens), what=who)
 
     def flush(cur: dict) -> None:
         if pending["n"] == 0 and cur == store.cursor:
@@ -350,8 +351,10 @@ def extract_to_store(extractor: Extractor, corpus: Corpus | StreamingCorpus | Wo
                          time.perf_counter() - t0, True)
 
 
-def _progress(enabled: bool, total: int, initial: int):
-    return progress_bar(total, "extract", "row", enabled=enabled, initial=initial, smoothing=0.1)
+def _progress(enabled: bool, total: int, initial: int, what: str = ""):
+    """Named per worker, so the lines of many workers in one log can be told apart."""
+    return progress_bar(total, "extract" + what, "row", enabled=enabled, initial=initial,
+                        smoothing=0.1)
 
 
 def extraction_meta(cfg: ExtractConfig, model_id: str, d: int, corpus_name: str) -> StoreMeta:
