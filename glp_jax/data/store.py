@@ -254,6 +254,9 @@ class ActivationStore:
             if _holds_store(url):
                 raise
             return cls.create(url, meta)
+        if not isinstance(store, ActivationStore):  # a multi-worker root (multistore.py)
+            raise StoreError(f"{url} holds a multi-worker store; write to it with "
+                             f"--worker I --workers N, or use a new path")
         store.check_compatible(meta)
         return store
 
