@@ -26,6 +26,8 @@ Examples: with layers [l_0, ..., l_{n-1}] over stores holding T rows in all, exa
 (row e % T, layer position e // T) (`glp_jax.layers.split_examples`): a shuffle of the
 (row, layer) product space. Rows of several stores are concatenated in the order given
 (`Pipeline.offsets`).
+A multi-worker extraction root (`glp_jax/data/multistore.py`) opens as one store: its
+workers' rows in their fixed round-robin order, in follow mode too.
 
 Batches are dicts of numpy arrays:
   "x"         float32 [B_local, d], z-scored per dimension with the float64 moments of the
