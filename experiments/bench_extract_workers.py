@@ -2,9 +2,9 @@
 
 Each configuration runs real `glp extract` processes (SmolLM2 layer 14, fortune text) into
 a fresh store of the same total rows; configurations alternate over `--repeats` so
-background load hits them alike. Printed per configuration: extraction tokens/s summed over
-workers (each worker's own tokens / its own extraction seconds, model load excluded; the
-workers run concurrently), wall-clock rows/s from launch to the last exit (load included),
+background load hits them alike. Printed per configuration: extraction tokens/s = all
+workers' LLM tokens / the longest worker's extraction seconds (model load excluded; the
+workers start together), wall-clock rows/s from launch to the last exit (load included),
 and the ratios against 1 worker.
 
     .venv/bin/python experiments/bench_extract_workers.py [--rows 3000] [--repeats 2]
@@ -29,7 +29,7 @@ CONFIGS = {"1 worker": (1, None), "2 workers x 1 thread": (2, 1),
 
 
 def run_config(workers: int, threads: int | None, rows: int, out: str, max_length: int):
-    """Launch the workers at once; returns (summed tokens/s, wall rows/s, stored rows)."""
+    """Launch the workers at once; returns (tokens/s, wall rows/s, stored rows)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
@@ -41,14 +41,15 @@ def run_config(workers: int, threads: int | None, rows: int, out: str, max_lengt
                               stderr=subprocess.PIPE, text=True) for w in range(workers)]
     outs = [p.communicate() for p in procs]
     wall = time.perf_counter() - t0
-    rate, stored = 0.0, 0
+    tokens, secs, stored = 0.0, 0.0, 0
     for p, (so, se) in zip(procs, outs, strict=True):
         if p.returncode:
             raise SystemExit(f"worker failed ({p.returncode}): {se.strip().splitlines()[-1]}")
-        m = re.search(r": (\d+) rows .* (\d+) tokens/s", so)
+        m = re.search(r": (\d+) rows .* (\d+) tokens/s over ([\d.]+) s", so)
         stored += int(m[1])
-        rate += float(m[2])
-    return rate, stored / wall, stored
+        tokens += float(m[2]) * float(m[3])
+        secs = max(secs, float(m[3]))
+    return tokens / secs, stored / wall, stored
 
 
 def main() -> None:

@@ -100,7 +100,7 @@ def cmd_extract(args) -> int:
     rate = res.tokens_run / res.seconds if res.seconds else 0.0
     who = f" worker {worker}/{workers}" if workers > 1 else ""
     print(f"store {args.out}{who}: {res.rows} rows (+{res.rows_added}), layers {cfg.layers}, "
-          f"d={meta.d}, {res.docs_done} documents done, {rate:.0f} tokens/s")
+          f"d={meta.d}, {res.docs_done} documents done, {rate:.0f} tokens/s over {res.seconds:.1f} s")
     return 0
 
 
