@@ -88,6 +88,9 @@ def cmd_extract(args) -> int:
     _, model_id = resolve_model(cfg.model)
     meta = extraction_meta(cfg, model_id, int(llm_cfg.hidden_size), corpus.name)
     target = worker_share(args.max_tokens, worker, workers)
+    if target == 0:
+        raise GLPError(f"--max-tokens {args.max_tokens} leaves worker {worker} of {workers} no "
+                       f"rows; give at least one row per worker or fewer --workers")
     if workers > 1:
         corpus = WorkerShard(corpus, worker, workers)
     # Take the writer lock and validate against an existing store before the (slow) weight
