@@ -89,6 +89,8 @@ def test_bad_hf_specs_are_one_line_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(GLPError, match="cannot stream hf:"):
         list(open_corpus(f"hf:{tmp_path}/empty").iter_split("all"))
+    with pytest.raises(GLPError, match="cannot stream hf:no-such/dataset.*hf:/path/to/dir"):
+        list(open_corpus("hf:no-such/dataset").iter_split("all"))  # offline (conftest)
 
 
 def test_hf_extraction_resumes_bit_for_bit(smollm2, hf_dirs, tmp_path):

@@ -103,9 +103,10 @@ class StreamingCorpus:
         name, config, hf_split = self._args
         try:
             return datasets.load_dataset(name, config, split=hf_split, streaming=True)
-        except (FileNotFoundError, ValueError) as e:
+        except (FileNotFoundError, ValueError, ConnectionError) as e:
             where = ("the folder holds no parquet/json shards for that split" if
-                     is_local_dataset(name) else "offline (HF_HUB_OFFLINE=1) or a wrong name")
+                     is_local_dataset(name) else "no network, HF_HUB_OFFLINE=1, or a wrong "
+                     "name; offline, copy the shards to a folder and use hf:/path/to/dir")
             raise GLPError(f"cannot stream {self.name} split {hf_split!r} ({where}): "
                            f"{str(e).splitlines()[0][:200]}") from e
 
