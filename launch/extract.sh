@@ -7,8 +7,9 @@
 #   sbatch --ntasks=32 --gpus-per-task=1 --requeue --wrap "srun env WORKERS=slurm ... launch/extract.sh"
 #                                              one worker per SLURM task (SLURM_PROCID/NTASKS)
 # A worker stopped by SIGTERM commits its finished documents and exits 75; it is rerun
-# (it resumes) up to MAX_RESTARTS times. A signal to this script itself (Ctrl-C, the job
-# ending) stops the loop; under SLURM, --requeue then restarts the job, which resumes.
+# (it resumes) by common.sh's run_retrying, at most MAX_RETRIES times. A signal to this
+# script itself (Ctrl-C, the job ending) stops the loop; under SLURM, --requeue then
+# restarts the job, which resumes.
 source "$(dirname "$0")/common.sh"
 MODEL="${MODEL:-smollm2}"
 LAYERS="${LAYERS:-middle}"
@@ -16,25 +17,9 @@ CORPUS="${CORPUS:-fortune}"
 NAME="${NAME:?set NAME (the store folder under DATA_ROOT)}"
 DEVICE="${DEVICE:-cuda}"
 WORKERS="${WORKERS:-1}"
-MAX_RESTARTS="${MAX_RESTARTS:-3}"
 COMMON=(--model "$MODEL" --layers "$LAYERS" --corpus "$CORPUS" --device "$DEVICE"
         --llm-dtype "${LLM_DTYPE:-bfloat16}" --batch-tokens "${BATCH_TOKENS:-65536}"
         --seed "${SEED:-42}")
-STOPPING=0
-trap 'STOPPING=1' INT TERM
-
-# requeue CMD...: run CMD; on exit 75 (preempted, progress committed) rerun it, bounded.
-requeue() {
-  local tries=0 rc
-  while true; do
-    rc=0
-    run "$@" || rc=$?
-    if [[ $rc -ne 75 || $STOPPING -eq 1 || $tries -ge $MAX_RESTARTS ]]; then return "$rc"; fi
-    tries=$((tries + 1))
-    echo "extract.sh: $* was preempted (exit 75); rerun $tries of $MAX_RESTARTS" >&2
-  done
-}
-
 VAL=("$GLP" extract "${COMMON[@]}" --split val --max-tokens "${VAL_TOKENS:-10000000}"
      --out "${DATA_ROOT}/${NAME}/val")
 TRAIN=("$GLP" extract "${COMMON[@]}" --split train --max-tokens "${TRAIN_TOKENS:-1024000000}"
@@ -42,18 +27,21 @@ TRAIN=("$GLP" extract "${COMMON[@]}" --split train --max-tokens "${TRAIN_TOKENS:
 
 if [[ "$WORKERS" == "slurm" ]]; then
   # Every task runs this script; task 0 also writes the (small) validation store.
-  if [[ "${SLURM_PROCID:-0}" == "0" ]]; then requeue "${VAL[@]}"; fi
-  requeue "${TRAIN[@]}" --workers slurm
+  if [[ "${SLURM_PROCID:-0}" == "0" ]]; then run_retrying "${VAL[@]}"; fi
+  run_retrying "${TRAIN[@]}" --workers slurm
 elif [[ "$WORKERS" -gt 1 ]]; then
-  requeue "${VAL[@]}"
+  run_retrying "${VAL[@]}"
   pids=()
+  # Background workers ignore the terminal's SIGINT in their loop (bash rule for background
+  # jobs): a signal to this script is passed on as SIGTERM, which ends each worker's loop.
+  trap 'kill -TERM "${pids[@]}" 2>/dev/null || true' INT TERM
   for ((w = 0; w < WORKERS; w++)); do
     gpu=()
     if [[ "$DEVICE" == cuda* ]]; then gpu=(env "CUDA_VISIBLE_DEVICES=$w"); fi
     if [[ "${DRY_RUN:-0}" == "1" ]]; then
-      requeue "${gpu[@]}" "${TRAIN[@]}" --worker "$w" --workers "$WORKERS"
+      run_retrying "${gpu[@]}" "${TRAIN[@]}" --worker "$w" --workers "$WORKERS"
     else
-      requeue "${gpu[@]}" "${TRAIN[@]}" --worker "$w" --workers "$WORKERS" &
+      run_retrying "${gpu[@]}" "${TRAIN[@]}" --worker "$w" --workers "$WORKERS" &
       pids+=($!)
     fi
   done
@@ -68,6 +56,6 @@ elif [[ "$WORKERS" -gt 1 ]]; then
   done
   exit "$status"
 else
-  requeue "${VAL[@]}"
-  requeue "${TRAIN[@]}"
+  run_retrying "${VAL[@]}"
+  run_retrying "${TRAIN[@]}"
 fi

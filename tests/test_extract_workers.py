@@ -305,9 +305,38 @@ def test_launcher_workers_and_bounded_requeue(tmp_path):
     fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {log}\n'
                     '[[ "$*" == *"--split train"* ]] && exit 75\nexit 0\n')
     fake.chmod(0o755)
-    res = _launch(tmp_path, GLP=str(fake), MAX_RESTARTS="2")
+    res = _launch(tmp_path, GLP=str(fake), MAX_RETRIES="2", RETRY_DELAY_S="0")
     assert res.returncode == 75
     calls = log.read_text().splitlines()
     assert sum("--split val" in c for c in calls) == 1
     assert sum("--split train" in c for c in calls) == 3
     assert res.stderr.count("preempted (exit 75)") == 2
+
+
+def test_launcher_ctrl_c_stops_every_worker_without_rerun(tmp_path):
+    """Ctrl-C (SIGINT to the launcher's process group) reaches each worker, which exits 75
+    as `glp extract` does; the launcher then reruns none of them."""
+    log = tmp_path / "calls"
+    fake = tmp_path / "glp"
+    fake.write_text(f"#!{sys.executable}\n"
+                    "import signal, sys, time\n"
+                    f"open({str(log)!r}, 'a').write(' '.join(sys.argv[1:]) + '\\n')\n"
+                    "if 'val' in sys.argv: sys.exit(0)\n"
+                    "for s in (signal.SIGINT, signal.SIGTERM):\n"
+                    "    signal.signal(s, lambda *a: sys.exit(75))\n"
+                    "time.sleep(60)\n")
+    fake.chmod(0o755)
+    env = {**os.environ, "GLP": str(fake), "NAME": "x", "DATA_ROOT": "/d", "WORKERS": "2",
+           "DEVICE": "cpu", "RETRY_DELAY_S": "0"}
+    proc = subprocess.Popen(["bash", str(ROOT / "launch" / "extract.sh")], env=env, cwd=ROOT,
+                            start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    t0 = time.monotonic()
+    while not (log.exists() and len(log.read_text().splitlines()) == 3):
+        assert time.monotonic() - t0 < 30
+        time.sleep(0.05)
+    time.sleep(0.5)  # both workers have installed their handlers
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 75, err
+    assert len(log.read_text().splitlines()) == 3 and "rerun" not in err
