@@ -19,6 +19,7 @@ import time
 
 import jax
 from benchlib import glp_train_step, roofline
+
 from glp_jax.profiling import markdown, summarize
 
 
@@ -54,7 +55,8 @@ def main() -> None:
         mm = summary["categories"].get("matmul", {"ms": float("nan")})
         print(f"\nbest library at the step's matmul shapes: {roof['best_s'] * 1e3:,.1f} ms "
               f"({roof['flops'] / roof['best_s'] / 1e9:,.0f} GFLOP/s); the step's matmuls "
-              f"took {mm['ms']:,.1f} ms = {roof['best_s'] * 1e3 / mm['ms']:.2f} of it; whole "
+              f"took {mm['ms']:,.1f} ms of the step = {roof['best_s'] * 1e3 / mm['ms']:.2f} "
+              f"of it; whole "
               f"step {roof['best_s'] / wall:.3f} of the roofline")
     print("\nslowest instructions:")
     for r in summary["slowest"]:

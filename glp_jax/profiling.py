@@ -7,11 +7,11 @@ into elementwise work (forward / backward / the rest: loss, optimizer) and data 
 (slices, update-slices, broadcasts, copies: the scan's bookkeeping). Time the executor
 spends outside any instruction is reported as such, so the parts add up to the wall time.
 
-Every thunk also records an `end: <name>` event when its result is ready. Most are
-synchronous (the end follows the event at once); some are asynchronous (XLA:CPU runs plain
-dots through Eigen's pool: a short launch event, the end much later). Their launch is
-counted where it blocks the executor, and their launch-to-end interval is reported on its
-own line, which overlaps the other parts rather than adding to them.
+An instruction runs from its event's start to its `end: <name>` event (when its result is
+ready: some dots run asynchronously in Eigen's pool, the launch event is short). The
+executor runs independent instructions side by side, so each instant of the step is split
+equally among the instructions running then: the parts add up to the wall time exactly,
+and a category's share is the share of the step it accounts for.
 """
 
 from __future__ import annotations
@@ -119,79 +119,73 @@ def trace_events(trace_dir: str) -> list[dict]:
     return [e for e in events if e.get("ph") == "X"]
 
 
-def async_intervals(events: list[dict], names: set[str]) -> dict[str, float]:
-    """Microseconds from each launch of an asynchronous instruction to its `end:` event."""
+def executions(events: list[dict], names: set[str]) -> list[tuple[float, float, str]]:
+    """(start, end, name) in microseconds of every executed instruction. The end is its
+    `end: <name>` event (the result is ready), or the event's own end when later; a while
+    loop is left out: its body's instructions cover it."""
     starts = collections.defaultdict(list)
     ends = collections.defaultdict(list)
     for e in events:
         if e["name"] in names:
-            starts[e["name"]].append(e["ts"])
+            starts[e["name"]].append((e["ts"], e["ts"] + e["dur"]))
         elif e["name"].startswith("end: ") and e["name"][5:] in names:
             ends[e["name"][5:]].append(e["ts"])
-    out: dict[str, float] = {}
-    for name, end_ts in ends.items():
-        end_ts.sort()
-        total, j = 0.0, 0
-        for t in sorted(starts[name]):
-            while j < len(end_ts) and end_ts[j] < t:
+    out = []
+    for name, spans in starts.items():
+        done = sorted(ends.get(name, []))
+        j = 0
+        for t0, t1 in sorted(spans):
+            while j < len(done) and done[j] < t0:
                 j += 1
-            if j < len(end_ts):
-                total += end_ts[j] - t
+            if j < len(done):
+                t1 = max(t1, done[j])
                 j += 1
-        out[name] = total
+            out.append((t0, t1, name))
     return out
 
 
-def self_times(events: list[dict], names: set[str]) -> tuple[dict[str, float], dict[str, int]]:
-    """(microseconds, executions) per instruction name, the time excluding the instructions
-    nested inside it on the same thread (a while loop's body ops are its children)."""
-    by_thread = collections.defaultdict(list)
-    for e in events:
-        if e["name"] in names:
-            by_thread[(e["pid"], e["tid"])].append(e)
+def shared_wall_time(runs: list[tuple[float, float, str]]) -> dict[str, float]:
+    """Microseconds of wall time per name, each instant split equally among the
+    instructions running then (the executor runs independent instructions side by side),
+    so the parts never add up to more than the wall time."""
+    points = sorted([(t0, 1, i) for i, (t0, _, _) in enumerate(runs)]
+                    + [(t1, -1, i) for i, (_, t1, _) in enumerate(runs)])
     out: dict[str, float] = collections.Counter()
-    runs: dict[str, int] = collections.Counter()
-    for evs in by_thread.values():
-        evs.sort(key=lambda e: (e["ts"], -e["dur"]))
-        stack: list[dict] = []
-        for e in evs:
-            while stack and stack[-1]["ts"] + stack[-1]["dur"] <= e["ts"]:
-                stack.pop()
-            if stack:
-                out[stack[-1]["name"]] -= e["dur"]
-            out[e["name"]] += e["dur"]
-            runs[e["name"]] += 1
-            stack.append(e)
-    return out, runs
+    active: set[int] = set()
+    last = None
+    for t, kind, i in points:
+        if active and last is not None and t > last:
+            share = (t - last) / len(active)
+            for a in active:
+                out[runs[a][2]] += share
+        last = t
+        if kind > 0:
+            active.add(i)
+        else:
+            active.discard(i)
+    return out
 
 
 def summarize(trace_dir: str, hlo_text: str, steps: int, wall_s: float) -> dict:
-    """Per category: ms and GFLOP per step and share of the step; the ten slowest
-    instructions with their category."""
+    """Per category: ms of the step's wall time (shared among instructions that run at the
+    same time), its share, GFLOP per step; the ten instructions taking most wall time."""
     instrs, comps = parse_hlo(hlo_text)
-    events = trace_events(trace_dir)
-    selfs, runs = self_times(events, set(instrs))
-    spans = async_intervals(events, set(instrs))
+    names = {n for n, ins in instrs.items() if ins.opcode != "while"}
+    runs = executions(trace_events(trace_dir), names)
+    times = shared_wall_time(runs)
+    counts = collections.Counter(name for _, _, name in runs)
     cats: dict[str, dict] = {}
     top = []
-    for name, us in selfs.items():
+    for name, us in times.items():
         cat, flops = classify(instrs[name], instrs, comps)
-        if spans.get(name, 0.0) > 1.5 * us + 1e3:  # launched, then computed beside the rest
-            c = cats.setdefault(f"{cat}, asynchronous (overlaps the rest)",
-                                {"ms": 0.0, "gflop": 0.0, "count": 0, "overlaps": True})
-            c["ms"] += spans[name] / 1e3 / steps
-            c["gflop"] += flops * runs[name] / steps / 1e9
-            c["count"] += 1
-            flops = 0
         c = cats.setdefault(cat, {"ms": 0.0, "gflop": 0.0, "count": 0})
         c["ms"] += us / 1e3 / steps
-        c["gflop"] += flops * runs[name] / steps / 1e9
+        c["gflop"] += flops * counts[name] / steps / 1e9
         c["count"] += 1
         top.append((us / 1e3 / steps, name, cat, instrs[name].shape))
     wall_ms = wall_s * 1e3
-    cats["executor, outside any instruction"] = {
-        "ms": wall_ms - sum(c["ms"] for c in cats.values() if not c.get("overlaps")),
-        "gflop": 0.0, "count": 0}
+    cats["host and executor (no instruction running)"] = {
+        "ms": wall_ms - sum(c["ms"] for c in cats.values()), "gflop": 0.0, "count": 0}
     for c in cats.values():
         c["share"] = c["ms"] / wall_ms
     return {"wall_ms": wall_ms, "categories": cats,

@@ -77,10 +77,10 @@ def test_trace_matmul_flops_match_the_jaxpr(tmp_path, n_layers):
     jax.profiler.stop_trace()
     summary = summarize(str(tmp_path), hlo, steps, wall)
     cats = summary["categories"]
-    gflop = sum(c["gflop"] for name, c in cats.items() if name.startswith("matmul"))
+    gflop = cats["matmul"]["gflop"]
     assert gflop * 1e9 == pytest.approx(expected, rel=1e-9)
-    parts = sum(c["ms"] for c in cats.values() if not c.get("overlaps"))
+    parts = sum(c["ms"] for c in cats.values())
     assert parts == pytest.approx(summary["wall_ms"], rel=1e-9)
-    assert all(c["ms"] >= 0 for name, c in cats.items() if not name.startswith("executor"))
+    assert all(c["ms"] >= 0 for c in cats.values())
     table = markdown(summary)
     assert table.count("\n") == len(cats) + 2
