@@ -14,3 +14,19 @@ def smollm2():
     from glp_jax.llm.loading import load_causal_lm
 
     return load_causal_lm("smollm2")
+
+
+def tiny_train_val(root, sizes: dict[str, int], d: int = 8):
+    """Small stores under root (e.g. {"train": 2048, "val": 128}): correlated Gaussian rows
+    with a shifted mean, layer 0, shards of 512 rows. Returns root."""
+    import numpy as np
+
+    from glp_jax.data.store import ActivationStore, StoreMeta
+
+    rng = np.random.default_rng(0)
+    for name, n in sizes.items():
+        s = ActivationStore.create(root / name, StoreMeta(model="m", layers=[0], d=d,
+                                                          shard_rows=512))
+        x = (rng.standard_normal((n, d)) @ rng.standard_normal((d, d)) + 1).astype(np.float32)
+        s.append({0: x}, np.zeros(n), np.zeros(n))
+    return root

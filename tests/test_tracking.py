@@ -9,10 +9,10 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import tiny_train_val
 from wandb_records import wandb_records
 
 from glp_jax.config import load_config
-from glp_jax.data.store import ActivationStore, StoreMeta
 from glp_jax.errors import ConfigError
 from glp_jax.sweep import _sweep_name
 from glp_jax.tracking import SKIP, WANDB_ID_FILE
@@ -22,13 +22,7 @@ STEPS, BATCH = 60, 16
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    root = tmp_path_factory.mktemp("track")
-    rng = np.random.default_rng(0)
-    for name, n in (("train", 2048), ("val", 128)):
-        s = ActivationStore.create(root / name, StoreMeta(model="m", layers=[0], d=8, shard_rows=512))
-        x = (rng.standard_normal((n, 8)) @ rng.standard_normal((8, 8)) + 1).astype(np.float32)
-        s.append({0: x}, np.zeros(n), np.zeros(n))
-    return root
+    return tiny_train_val(tmp_path_factory.mktemp("track"), {"train": 2048, "val": 128})
 
 
 def _config(store, out, *extra):

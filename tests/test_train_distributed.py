@@ -13,21 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from glp_jax.data.store import ActivationStore, StoreMeta
+from conftest import tiny_train_val
 
 STEPS = 12
 
 
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dist")
-    rng = np.random.default_rng(0)
-    for name, n in (("train", 2048), ("val", 256)):
-        s = ActivationStore.create(root / name, StoreMeta(model="m", layers=[0], d=8, shard_rows=512))
-        x = (rng.standard_normal((n, 8)) @ rng.standard_normal((8, 8)) + 1).astype(np.float32)
-        s.append({0: x}, np.zeros(n), np.zeros(n))
-    return root
+    return tiny_train_val(tmp_path_factory.mktemp("dist"), {"train": 2048, "val": 256})
 
 
 def _args(root, out, **extra):

@@ -43,7 +43,7 @@ import os
 import numpy as np
 
 from glp_jax.data.stats import Moments
-from glp_jax.data.store import DTYPES, IDENTITY_FIELDS, ActivationStore, StoreMeta
+from glp_jax.data.store import DTYPES, IDENTITY_FIELDS, ActivationStore, LayerStats, StoreMeta
 from glp_jax.errors import GLPError, StoreError, WriterLockedError
 from glp_jax.kv import open_kvstore
 
@@ -187,7 +187,7 @@ class _PendingParts:
         return np.concatenate([p.result() for p in self._parts])
 
 
-class MultiWorkerStore:
+class MultiWorkerStore(LayerStats):
     """Read-only view of a multi-worker root with the ActivationStore reading interface
     (`ActivationStore.open` returns one for such a root)."""
 
@@ -307,21 +307,6 @@ class MultiWorkerStore:
             if s is not None:
                 mo = mo.merge(s.moments(self._layer(layer)))
         return mo
-
-    def mean(self, layer: int | None = None) -> np.ndarray:
-        return self.moments(layer).mean
-
-    def var(self, layer: int | None = None) -> np.ndarray:
-        return self.moments(layer).var
-
-    def _layer(self, layer: int | None) -> int:
-        if layer is None:
-            if len(self.meta.layers) != 1:
-                raise StoreError(f"store holds layers {self.meta.layers}; name one with layer=")
-            return self.meta.layers[0]
-        if layer not in self.meta.layers:
-            raise StoreError(f"layer {layer} is not in store {self.url} (layers {self.meta.layers})")
-        return layer
 
     # ----------------------------------------------------------------- reading
     def locate(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -159,7 +159,26 @@ def _array_spec(kv, shape, dtype: str, shard_rows: int, chunk_rows: int) -> dict
     }
 
 
-class ActivationStore:
+class LayerStats:
+    """What every store view derives from `meta`, `url` and `moments(layer)`."""
+
+    def mean(self, layer: int | None = None) -> np.ndarray:
+        return self.moments(layer).mean
+
+    def var(self, layer: int | None = None) -> np.ndarray:
+        return self.moments(layer).var
+
+    def _layer(self, layer: int | None) -> int:
+        if layer is None:
+            if len(self.meta.layers) != 1:
+                raise StoreError(f"store holds layers {self.meta.layers}; name one with layer=")
+            return self.meta.layers[0]
+        if layer not in self.meta.layers:
+            raise StoreError(f"layer {layer} is not in store {self.url} (layers {self.meta.layers})")
+        return layer
+
+
+class ActivationStore(LayerStats):
     """Per-layer activation rows plus token/document ids and float64 statistics.
 
     Open with `ActivationStore.open(url)` (existing), `create(url, meta)` (new), or
@@ -344,21 +363,6 @@ class ActivationStore:
 
     def moments(self, layer: int | None = None) -> Moments:
         return self._commit.moments[self._layer(layer)]
-
-    def mean(self, layer: int | None = None) -> np.ndarray:
-        return self.moments(layer).mean
-
-    def var(self, layer: int | None = None) -> np.ndarray:
-        return self.moments(layer).var
-
-    def _layer(self, layer: int | None) -> int:
-        if layer is None:
-            if len(self.meta.layers) != 1:
-                raise StoreError(f"store holds layers {self.meta.layers}; name one with layer=")
-            return self.meta.layers[0]
-        if layer not in self._acts:
-            raise StoreError(f"layer {layer} is not in store {self.url} (layers {self.meta.layers})")
-        return layer
 
     # ----------------------------------------------------------------- writing
     def append(self, acts: Mapping[int, np.ndarray], token_ids: np.ndarray, doc_ids: np.ndarray,
