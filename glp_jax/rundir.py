@@ -21,6 +21,7 @@ import io
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -97,12 +98,24 @@ def epoch_step(epoch: int, epoch_size: int, batch_size: int) -> int:
     return int(epoch) * int(epoch_size) // int(batch_size)
 
 
-class MetricsLog:
-    """metrics.jsonl; on resume, rows past the restored step are dropped (they are redone)."""
+BUCKET_FLUSH_S = 60.0  # a bucket's metrics.jsonl is rewritten at most this often, and at saves
 
-    def __init__(self, path, resume_step: int, primary: bool):
-        self.path, self.primary = path, primary
+
+class MetricsLog:
+    """metrics.jsonl; on resume, rows past the restored step are dropped (they are redone).
+
+    Local files get one appended line per row. Object stores cannot append, so the whole
+    file is rewritten in one PUT (a reader or a killed writer never sees a torn file); to
+    keep that from growing quadratically over a long run it happens at most every
+    `flush_s` seconds and at every `flush()` (training flushes before each checkpoint, so
+    every row up to the newest checkpoint is durable; later rows are redone on resume).
+    """
+
+    def __init__(self, path, resume_step: int, primary: bool, flush_s: float = BUCKET_FLUSH_S):
+        self.path, self.primary, self.flush_s = path, primary, flush_s
+        self.bucket = "://" in str(path)
         self.lines: list[str] = []
+        self.pending, self.last_flush = 0, time.monotonic()
         if primary and path.exists():
             self.lines = [json.dumps(row) for row in read_metrics(path)
                           if row.get("step", 0) <= resume_step]
@@ -113,11 +126,19 @@ class MetricsLog:
             return
         line = json.dumps(row)
         self.lines.append(line)
-        if "://" in str(self.path):  # object stores cannot append: rewrite (the file is small)
-            self.path.write_text("".join(ln + "\n" for ln in self.lines))
-        else:
+        if not self.bucket:
             with open(self.path, "a") as f:
                 f.write(line + "\n")
+            return
+        self.pending += 1
+        if time.monotonic() - self.last_flush >= self.flush_s:
+            self.flush()
+
+    def flush(self) -> None:
+        """Make every row written so far durable (a no-op for local files)."""
+        if self.primary and self.bucket and self.pending:
+            self.path.write_text("".join(ln + "\n" for ln in self.lines))
+            self.pending, self.last_flush = 0, time.monotonic()
 
 
 class RunDir:

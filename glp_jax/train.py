@@ -608,11 +608,13 @@ def _train(cfg: TrainConfig, mesh, stop_after_steps: int | None, lock: WriterLoc
             if boundary_save or stopping or step in epoch_steps:
                 if primary:  # a save inside a log window: keep the window for the resume
                     _save_window(run, step, window)
+                metrics.flush()  # rows up to this checkpoint are durable (buckets buffer)
                 ckpt.save(step, _ckpt_state(params, opt_state, stats), _data_state(it),
                           resolved, epoch=epoch_steps.get(step), force=True)
             if stopping:
                 break
         bar.close()
+        metrics.flush()
         ckpt.wait()
         ckpt.close()
         _close(it)

@@ -30,7 +30,7 @@ from glp_jax.data.store import ActivationStore, StoreMeta
 from glp_jax.errors import WriterLockedError
 from glp_jax.kv import open_kvstore
 from glp_jax.lock import LOCK_KEY, RELEASED, Holder, WriterLock, read_holder
-from glp_jax.rundir import read_metrics
+from glp_jax.rundir import MetricsLog, read_metrics
 from glp_jax.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -291,7 +291,7 @@ METRICS_WRITER = textwrap.dedent("""
     import sys
     from glp_jax.checkpoint import run_path
     from glp_jax.rundir import MetricsLog
-    log = MetricsLog(run_path(sys.argv[1]) / "metrics.jsonl", 0, True)
+    log = MetricsLog(run_path(sys.argv[1]) / "metrics.jsonl", 0, True, flush_s=0.0)
     print("open", flush=True)
     step = 0
     while True:
@@ -301,8 +301,8 @@ METRICS_WRITER = textwrap.dedent("""
 
 
 def test_kill9_during_metrics_rewrites_never_tears_the_file(server):
-    """Buckets cannot append: each row rewrites metrics.jsonl in one PUT, so a killed
-    writer leaves the previous whole file (steps 1..n, every line complete)."""
+    """Buckets cannot append: each flush (here every row) rewrites metrics.jsonl in one PUT,
+    so a killed writer leaves the previous whole file (steps 1..n, every line complete)."""
     url = _unique(server, "metrics")
     proc = subprocess.Popen([sys.executable, "-c", METRICS_WRITER, url],
                             env=objstore.environ_with(server), stdout=subprocess.PIPE,
@@ -316,6 +316,23 @@ def test_kill9_during_metrics_rewrites_never_tears_the_file(server):
     rows = [json.loads(line) for line in text.splitlines()]  # every line parses
     assert [r["step"] for r in rows] == list(range(1, len(rows) + 1)) and len(rows) > 2
     assert read_metrics(epath.Path(url) / "metrics.jsonl") == rows
+
+
+def test_bucket_metrics_are_rewritten_at_most_every_flush_s_and_at_flush(server):
+    """A bucket's metrics.jsonl is one PUT per flush, not per row: rows wait until flush_s
+    has passed or flush() (training calls it before every checkpoint) makes them durable."""
+    path = epath.Path(_unique(server, "metrics-buffered")) / "metrics.jsonl"
+    log = MetricsLog(path, 0, True, flush_s=3600.0)
+    for step in range(1, 6):
+        log.write({"step": step, "loss": 1.0 / step})
+    assert not path.exists()  # nothing flushed yet
+    log.flush()
+    assert [r["step"] for r in read_metrics(path)] == [1, 2, 3, 4, 5]
+    log.write({"step": 6, "loss": 1 / 6})
+    assert len(read_metrics(path)) == 5
+    log.flush_s = 0.0
+    log.write({"step": 7, "loss": 1 / 7})  # flush_s passed: rewritten at once
+    assert [r["step"] for r in read_metrics(path)] == [1, 2, 3, 4, 5, 6, 7]
 
 
 # ------------------------------------------------------------------ training and load
