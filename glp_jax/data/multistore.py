@@ -43,7 +43,14 @@ import os
 import numpy as np
 
 from glp_jax.data.stats import Moments
-from glp_jax.data.store import DTYPES, IDENTITY_FIELDS, ActivationStore, LayerStats, StoreMeta
+from glp_jax.data.store import (
+    DTYPES,
+    IDENTITY_FIELDS,
+    ActivationStore,
+    LayerStats,
+    StoreMeta,
+    moments_summary,
+)
 from glp_jax.errors import GLPError, StoreError, WriterLockedError
 from glp_jax.kv import open_kvstore
 
@@ -248,14 +255,6 @@ class MultiWorkerStore(LayerStats):
                 for w, s in enumerate(self._subs)]
 
     @property
-    def layers(self) -> list[int]:
-        return list(self.meta.layers)
-
-    @property
-    def d(self) -> int:
-        return self.meta.d
-
-    @property
     def cursor(self) -> dict:
         """What a follower asks: no more rows come once every worker has finished."""
         subs = self._subs
@@ -391,16 +390,8 @@ class MultiWorkerStore(LayerStats):
                "checksums": self.checksums(), "workers": self.worker_progress(),
                "block_rows": self.block_rows,
                "committed_rows": sum(len(s) for s in self._subs if s is not None)}
-        out["stats"] = {}
-        for k in self.meta.layers:  # every committed row: commit records, no reads
-            mo = self.committed_moments(k)
-            out["stats"][k] = {
-                "count": mo.count,
-                "mean_abs_mean": float(np.abs(mo.mean).mean()) if mo.count else None,
-                "mean_std": float(mo.std.mean()) if mo.count else None,
-                "max_std": float(mo.std.max()) if mo.count else None,
-                "min_std": float(mo.std.min()) if mo.count else None,
-            }
+        # every committed row: commit records, no reads
+        out["stats"] = {k: moments_summary(self.committed_moments(k)) for k in self.meta.layers}
         return out
 
     def worker_urls(self) -> list[str]:

@@ -159,8 +159,25 @@ def _array_spec(kv, shape, dtype: str, shard_rows: int, chunk_rows: int) -> dict
     }
 
 
+def moments_summary(mo: Moments) -> dict:
+    """The per-layer statistics `glp store info` prints (None for an empty layer)."""
+    return {"count": mo.count,
+            "mean_abs_mean": float(np.abs(mo.mean).mean()) if mo.count else None,
+            "mean_std": float(mo.std.mean()) if mo.count else None,
+            "max_std": float(mo.std.max()) if mo.count else None,
+            "min_std": float(mo.std.min()) if mo.count else None}
+
+
 class LayerStats:
     """What every store view derives from `meta`, `url` and `moments(layer)`."""
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.meta.layers)
+
+    @property
+    def d(self) -> int:
+        return self.meta.d
 
     def mean(self, layer: int | None = None) -> np.ndarray:
         return self.moments(layer).mean
@@ -346,14 +363,6 @@ class ActivationStore(LayerStats):
         return self._commit.rows
 
     @property
-    def layers(self) -> list[int]:
-        return list(self.meta.layers)
-
-    @property
-    def d(self) -> int:
-        return self.meta.d
-
-    @property
     def cursor(self) -> dict:
         return dict(self._commit.cursor)
 
@@ -517,16 +526,7 @@ class ActivationStore(LayerStats):
         out = {"url": self.url, "rows": len(self), **dataclasses.asdict(self.meta),
                "cursor": self.cursor, "size_on_disk_bytes": self.size_on_disk(),
                "checksums": self.checksums()}
-        out["stats"] = {}
-        for k in self.meta.layers:
-            mo = self.moments(k)
-            out["stats"][k] = {
-                "count": mo.count,
-                "mean_abs_mean": float(np.abs(mo.mean).mean()) if mo.count else None,
-                "mean_std": float(mo.std.mean()) if mo.count else None,
-                "max_std": float(mo.std.max()) if mo.count else None,
-                "min_std": float(mo.std.min()) if mo.count else None,
-            }
+        out["stats"] = {k: moments_summary(self.moments(k)) for k in self.meta.layers}
         return out
 
 
