@@ -10,6 +10,7 @@ from pathlib import Path
 
 from glp_jax.errors import GLPError
 from glp_jax.preempt import Preempted
+from glp_jax.progress import quiet_third_party_bars
 
 
 def _parse_layers(text: str | None, n_layers: int) -> list[int] | None:
@@ -70,7 +71,7 @@ def cmd_extract(args) -> int:
     from glp_jax.data.corpus import WorkerShard, open_corpus
     from glp_jax.data.multistore import worker_share
     from glp_jax.llm.extract import Extractor, extract_to_store, extraction_meta
-    from glp_jax.llm.loading import load_causal_lm, load_config, resolve_model
+    from glp_jax.llm.loading import load_causal_lm, load_config, model_id_of
     from glp_jax.preempt import PreemptionGuard
 
     if args.max_tokens <= 0:
@@ -85,7 +86,7 @@ def cmd_extract(args) -> int:
         llm_dtype=args.llm_dtype, device=args.device, batch_tokens=args.batch_tokens,
         window_docs=args.window_docs, flush_rows=args.flush_rows).for_model(n_layers)
     corpus = open_corpus(cfg.corpus)
-    _, model_id = resolve_model(cfg.model)
+    model_id = model_id_of(cfg.model)
     meta = extraction_meta(cfg, model_id, int(llm_cfg.hidden_size), corpus.name)
     target = worker_share(args.max_tokens, worker, workers)
     if target == 0:
@@ -167,11 +168,13 @@ def cmd_store_import(args) -> int:
 
 def cmd_train(args) -> int:
     from glp_jax.config import load_config
+
+    cfg = load_config(args.overrides)  # a bad key or value fails before JAX is imported
+
     from glp_jax.distributed import maybe_initialize
     from glp_jax.train import train
 
     maybe_initialize()
-    cfg = load_config(args.overrides)
     row = train(cfg)
     if row:
         print(f"step {row['step']}: loss {row['loss']:.4f}"
@@ -788,6 +791,7 @@ def main(argv: list[str] | None = None) -> int:
     file (or to the terminal with GLP_DEBUG=1)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
+    quiet_third_party_bars()
     try:
         return args.fn(args)
     except Preempted as e:

@@ -41,7 +41,7 @@ def total_steps_of(num_steps: int | None, num_activations: int | None, batch_siz
     if num_steps is not None:
         return int(num_steps)
     if num_activations is not None:
-        return max(1, int(num_activations) // int(batch_size))
+        return max(1, int(num_activations) // int(batch_size))  # >= 1 batch: validate()
     raise ConfigError("set num_steps or num_activations (run length)")
 
 
@@ -181,6 +181,13 @@ class TrainConfig:
             raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
         if self.num_steps is not None and self.num_activations is not None:
             raise ConfigError("give num_steps or num_activations, not both")
+        if self.num_steps is not None and self.num_steps < 1:
+            raise ConfigError(f"num_steps={self.num_steps} trains nothing; give at least 1 step "
+                              f"(or num_activations >= batch_size)")
+        if self.num_activations is not None and self.num_activations < self.batch_size:
+            raise ConfigError(f"num_activations={self.num_activations} is less than one batch of "
+                              f"batch_size={self.batch_size}; give at least {self.batch_size} "
+                              f"activations (or num_steps >= 1)")
 
     @property
     def total_steps(self) -> int:

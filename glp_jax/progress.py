@@ -57,3 +57,31 @@ def _log_bar_class(tqdm):
             super().set_postfix_str(s, refresh=False)
 
     return LogBar
+
+
+# Read by huggingface_hub (and through it transformers) and by datasets when they are imported.
+THIRD_PARTY_BAR_SWITCHES = ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS")
+
+
+def quiet_third_party_bars(stream=None) -> bool:
+    """When `stream` (stderr) is not a terminal, turn off the tqdm bars of transformers,
+    datasets and huggingface_hub: their carriage returns garble CI and SLURM logs, and our
+    own bars already report the long work in plain lines. A switch the user set is kept.
+    Cheap: sets the variables those libraries read at import and calls the off switch of any
+    already imported. Returns whether bars were turned off."""
+    stream = stream or sys.stderr
+    if hasattr(stream, "isatty") and stream.isatty():
+        return False
+    for name in THIRD_PARTY_BAR_SWITCHES:
+        os.environ.setdefault(name, "1")
+    if os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] != "1":
+        return False
+    if "huggingface_hub" in sys.modules:
+        sys.modules["huggingface_hub"].utils.disable_progress_bars()
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    if "datasets" in sys.modules and os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] == "1":
+        sys.modules["datasets"].disable_progress_bars()
+    return True

@@ -8,6 +8,25 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def embedded_conversion():
+    """Converts the embedded GGUF once per session when the model cache is cold (CI's is:
+    .ci/run gives the suite a fresh GLP_JAX_CACHE), before any test or subprocess needs it,
+    so a test that only passes on a warm cache fails. Returns what the conversion printed
+    to stderr, or None when the cache was already warm."""
+    import contextlib
+    import io
+
+    from glp_jax.llm.loading import EMBEDDED_REVISION, cache_dir, embedded_model_dir
+
+    if (cache_dir() / "models" / EMBEDDED_REVISION / "config.json").exists():
+        return None
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        embedded_model_dir()
+    return err.getvalue()
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """The embedded SmolLM2-135M-Instruct (converted from its GGUF once, then cached)."""

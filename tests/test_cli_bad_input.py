@@ -50,6 +50,12 @@ def invocations(w):
                                                 "--max-tokens", "10"],
                                                "written with different settings"),
         "extract 0 tokens": (["extract", "--out", missing, "--max-tokens", "0"], "must be positive"),
+        "extract missing corpus": (["extract", "--corpus", missing + ".txt", "--out", missing,
+                                    "--max-tokens", "10"], "no-such-thing.txt"),
+        "extract layer out of range": (["extract", "--layers", "30", "--out", missing,
+                                        "--max-tokens", "10"], "out of range"),
+        "extract missing model": (["extract", "--model", missing + "/model", "--out", missing,
+                                   "--max-tokens", "10"], "does not exist"),
         "extract bad layers": (["extract", "--layers", "a,b", "--out", missing, "--max-tokens",
                                 "10"], "--layers"),
         "extract bad policy": (["extract", "--policy", "bogus", "--out", missing, "--max-tokens",
@@ -67,7 +73,25 @@ def invocations(w):
                                  f"output_path={w / 'r3'}"], "no activation store"),
         "train unwritable": (["train", *train, f"output_path={file}/run"], "cannot write"),
         "train other run": (["train", *train, f"output_path={run}"], "holds a different run"),
+        "train 0 steps": (["train", *train, "num_steps=0", f"output_path={w / 'r4'}"],
+                          "num_steps"),
+        "train 0 activations": (["train", *train[:1], *train[2:], "num_activations=0",
+                                 f"output_path={w / 'r5'}"], "num_activations"),
+        "train fewer activations than a batch": (["train", *train[:1], *train[2:],
+                                                  "num_activations=8", f"output_path={w / 'r6'}"],
+                                                 "num_activations"),
         "eval fd missing": (["eval", "fd", missing], "no-such-thing"),
+        "eval delta-lm missing": (["eval", "delta-lm", missing], "no-such-thing"),
+        "eval recon missing": (["eval", "recon", missing], "no-such-thing"),
+        "eval probe missing": (["eval", "probe", missing], "no-such-thing"),
+        "eval probe missing task": (["eval", "probe", run, "--tasks", missing + ".csv"],
+                                    "no-such-thing.csv"),
+        "eval steer missing": (["eval", "steer", missing], "no-such-thing"),
+        "eval steer bad rs": (["eval", "steer", run, "--rs", "abc"], "abc"),
+        "eval neuron missing": (["eval", "neuron", missing, "--block", "0", "--unit", "0"],
+                                "no-such-thing"),
+        "eval neuron bad unit": (["eval", "neuron", run, "--block", "0", "--unit", "999"], "999"),
+        "eval utility missing": (["eval", "utility", missing], "no-such-thing"),
         "fit missing": (["fit", missing], "no-such-thing"),
         "plot missing": (["plot", missing], "no-such-thing"),
         "sweep bad budgets": (["sweep", "--budgets", "abc", "--root", str(w / "sw")], "abc"),
@@ -88,7 +112,10 @@ def _run(argv, capsys):
     return code, capsys.readouterr().err
 
 
-def test_bad_invocations_are_one_line(world, capsys):
+def test_bad_invocations_are_one_line(world, capsys, monkeypatch, tmp_path):
+    """... and fail before any expensive work: from an empty model cache, none of them
+    converts the embedded model (a fresh machine's first command must fail at once)."""
+    monkeypatch.setenv("GLP_JAX_CACHE", str(tmp_path / "empty-cache"))
     before = {p: p.read_bytes() for p in sorted(world.rglob("*")) if p.is_file()}
     cases = invocations(world)
     assert len(cases) >= 20
@@ -101,6 +128,7 @@ def test_bad_invocations_are_one_line(world, capsys):
         if not ok:
             failures.append(f"{name}: exit {code}, stderr {err!r}")
     assert not failures, "\n".join(failures)
+    assert not (tmp_path / "empty-cache").exists(), "a bad invocation converted the model"
     after = {p: p.read_bytes() for p in before}
     assert after == before  # nothing that existed was changed
     assert not (world / "x.npy").exists()

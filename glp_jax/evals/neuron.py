@@ -31,6 +31,13 @@ def _snippet(tokenizer, ids, pos: int, before: int, after: int) -> tuple[str, st
     return f"{left}⟦{tok}⟧{right}", tok
 
 
+def check_unit(glp, block: int, unit: int) -> None:
+    L, H = glp.config.n_layers, glp.config.d_mlp
+    if not (0 <= block < L and 0 <= unit < H):
+        raise GLPError(f"meta-neuron (block {block}, unit {unit}) out of range: the GLP has "
+                       f"{L} blocks of {H} units")
+
+
 def neuron_activations(lm, layer: int, glp, sequences, block: int, unit: int, *,
                        sigma: float = 0.1, seed: int = 0, batch_size: int = 32,
                        progress: bool = False) -> np.ndarray:
@@ -42,9 +49,7 @@ def neuron_activations(lm, layer: int, glp, sequences, block: int, unit: int, *,
     from glp_jax.llm.extract import TruncatedForward
 
     H, L = int(glp.config.d_mlp), int(glp.config.n_layers)
-    if not (0 <= block < L and 0 <= unit < H):
-        raise GLPError(f"meta-neuron (block {block}, unit {unit}) out of range: the GLP has "
-                       f"{L} blocks of {H} units")
+    check_unit(glp, block, unit)
     col = np.array([block * H + unit])
     ids, mask = sequences.input_ids, sequences.attention_mask
     n, T = ids.shape
@@ -80,18 +85,19 @@ def top_activating(run_dir, block: int, unit: int, *, n_docs: int = 1024, top: i
     from glp_jax.evals.run_llm import run_llm_and_layer
     from glp_jax.llm.extract import document_separator_id, tokenize_documents
 
+    if glp is None:  # the GLP and the unit are checked before the (slower) LLM load
+        from glp_jax.api import LoadedGLP, load
+
+        glp = load(run_dir, step=step)
+        if not isinstance(glp, LoadedGLP):
+            raise GLPError(f"{run_dir} is not a GLP run (an SAE has no meta-neurons)")
+    check_unit(glp, block, unit)
     if lm is None or layer is None:
         name, layer = run_llm_and_layer(run_dir, layer)
     if lm is None:
         from glp_jax.llm.loading import load_causal_lm
 
         lm = load_causal_lm(name, dtype="float32", device=device)
-    if glp is None:
-        from glp_jax.api import LoadedGLP, load
-
-        glp = load(run_dir, step=step)
-        if not isinstance(glp, LoadedGLP):
-            raise GLPError(f"{run_dir} is not a GLP run (an SAE has no meta-neurons)")
     if texts is None:
         seqs = sequences_of_run(run_dir, lm.tokenizer, n=n_docs, length=max_length)
         source = dict(seqs.source)

@@ -421,18 +421,19 @@ def probe_run(run_dir, baselines=(), tasks=None, *, sigma: float = 0.1, seed: in
     from glp_jax.evals.probe_data import fortune_tasks, load_tasks
     from glp_jax.rundir import EVALS_DIR, RunDir
 
-    if lm is None or layer is None:
-        name, layer = run_llm_and_layer(run_dir, layer)
-    if lm is None:
-        from glp_jax.llm.loading import load_causal_lm
-
-        lm = load_causal_lm(name, dtype="float32", device=device)
+    # tasks, the run and its baselines are read before the (slower) LLM load
     task_list = (fortune_tasks(max_tasks=max_tasks, max_per_task=max_per_task)
                  if tasks is None else load_tasks(tasks))
     if max_tasks is not None:
         task_list = task_list[:max_tasks]
+    if lm is None or layer is None:
+        name, layer = run_llm_and_layer(run_dir, layer)
     methods = build_methods(run_dir, baselines, glp=glp, sigma=sigma, seed=seed, pca_k=pca_k,
                             layer=layer, step=step)
+    if lm is None:
+        from glp_jax.llm.loading import load_causal_lm
+
+        lm = load_causal_lm(name, dtype="float32", device=device)
     if out_dir is None:
         out_dir = RunDir(run_dir) / EVALS_DIR
     result = evaluate_probes(task_list, methods, lm=lm, layer=layer, k=k, dense=dense,

