@@ -48,7 +48,7 @@ def neuron_activations(lm, layer: int, glp, sequences, block: int, unit: int, *,
     from glp_jax.evals.features import glp_meta_neurons
     from glp_jax.llm.extract import TruncatedForward
 
-    H, L = int(glp.config.d_mlp), int(glp.config.n_layers)
+    H = int(glp.config.d_mlp)
     check_unit(glp, block, unit)
     col = np.array([block * H + unit])
     ids, mask = sequences.input_ids, sequences.attention_mask
