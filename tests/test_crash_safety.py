@@ -9,6 +9,7 @@ import textwrap
 import time
 
 import numpy as np
+import pytest
 
 from glp_jax.data.store import ActivationStore
 from glp_jax.errors import StoreError
@@ -76,6 +77,8 @@ def _extract_cmd(out, max_tokens):
             "--flush-rows", "40", "--quiet"]
 
 
+@pytest.mark.slow  # kill -9 of a real extraction + bitwise rerun is in make test as
+# test_extract_workers.py::test_killed_worker_reruns_bit_for_bit; this adds two kill points
 def test_sigkill_extraction_then_resume_matches_uninterrupted(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     ref_path, path = str(tmp_path / "ref"), str(tmp_path / "killed")

@@ -53,12 +53,12 @@ def test_sharding_scales_as_expected(plans):
 
 
 def test_fit_finds_the_largest_micro_batch_under_a_target():
-    small = [*TINY, "batch_size=16"]
+    small = [*TINY, "batch_size=4"]  # 6 settings to compile (accumulation 1-4, remat)
     out = _glp("config", "check", *small, "--mesh", "data=1,fsdp=1", "--fit", "1", "--json")
     assert out.returncode == 0, out.stderr
     every = json.loads(out.stdout)["plans"]  # nothing fits 1 byte: every setting, in order
     assert [(p["accum"], p["remat"]) for p in every] == [
-        (a, r) for r in (False, True) for a in (1, 2, 4, 8, 16)]
+        (a, r) for r in (False, True) for a in (1, 2, 4)]
     totals = [p["total_bytes"] for p in every]
     limit = (totals[0] + min(totals)) / 2  # the full micro-batch does not fit, something does
     expected = next(i for i, t in enumerate(totals) if t <= limit)

@@ -25,7 +25,7 @@ use_bf16: false
 log_every_n_steps: 10
 eval_log_points: 6
 eval_rows: 256
-save_every_n_steps: 20
+save_every_n_steps: 25  # 3 kept checkpoints a run (epoch 10, 25, 50): the utility step evaluates each
 keep_last_n: 10
 epoch_size: 640
 progress: false

@@ -76,6 +76,8 @@ def test_save_on_eight_restore_on_four(stores, reference):
     np.testing.assert_allclose(got, reference[0], rtol=2e-5)
 
 
+@pytest.mark.slow  # one device: make test has the same kill -9 + exact rerun in
+# test_preemption.py::test_sigkill_resume_restores_the_log_window_and_purges_tensorboard
 def test_kill_and_rerun_reproduces_trajectory(stores, reference):
     out = stores / "killed"
     cmd = [sys.executable, "-m", "glp_jax", "train",

@@ -154,10 +154,11 @@ def test_gradient_accumulation_averages_strided_micro_batches():
                                    discrete=True))
     new_params, _, loss, gnorm = step(params, opt, x, None, jnp.int32(2), base)
     keys = jax.random.split(jax.random.fold_in(base, 2), 4)
+    micro_grad = jax.jit(lambda p, xa, k: jax.value_and_grad(loss_fn)(  # one compile, not
+        p, graphdef, xa, None, k, compute_dtype=jnp.float32, discrete=True))  # eager x4
     grads, losses = [], []
     for a in range(4):
-        l_a, g_a = jax.value_and_grad(loss_fn)(params, graphdef, x[a::4], None, keys[a],
-                                               compute_dtype=jnp.float32, discrete=True)
+        l_a, g_a = micro_grad(params, x[a::4], keys[a])
         grads.append(g_a)
         losses.append(float(l_a))
     mean_g = jax.tree.map(lambda *g: sum(g) / 4, *grads)
