@@ -46,8 +46,9 @@ def test_conversion_prints_two_plain_lines(embedded_conversion):
 
 
 def test_third_party_bars_off_in_logs_only(monkeypatch):
-    for name in THIRD_PARTY_BAR_SWITCHES:
-        monkeypatch.delenv(name, raising=False)
+    for name in THIRD_PARTY_BAR_SWITCHES:  # set, then removed: monkeypatch restores either way
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
 
     class Terminal(io.StringIO):
         def isatty(self):
@@ -63,6 +64,8 @@ def test_third_party_bars_off_in_logs_only(monkeypatch):
         assert all(os.environ[name] == "1" for name in THIRD_PARTY_BAR_SWITCHES)
         assert hub_utils.are_progress_bars_disabled() and not hf_logging.is_progress_bar_enabled()
     finally:
+        for name in THIRD_PARTY_BAR_SWITCHES:
+            os.environ.pop(name, None)
         hub_utils.enable_progress_bars()
         hf_logging.enable_progress_bar()
     monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "0")  # the user's choice is kept
