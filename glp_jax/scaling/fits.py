@@ -147,8 +147,10 @@ class PowerLawFit:
     groups: np.ndarray | None = None  # the run of each point (None: independent points)
     profile: LossLawProfile | None = None
     bootstrap: Bootstrap | None = None
-    e_identified: bool = True
+    e_identified: bool = True  # E's interval lies inside (0, min L), touching neither end
     e_reason: str = ""
+    e_reaches_zero: bool = False  # E = 0 (no floor) is inside E's interval
+    e_reaches_min_loss: bool = False  # so is a floor just under the lowest fitted loss
 
     law = "L = E + A*C^-alpha"
 
@@ -165,6 +167,8 @@ class PowerLawFit:
     def to_dict(self) -> dict:
         return {**_fit_dict(self, x=self.compute, y=self.loss, names=("compute", "loss")),
                 "e_identified": self.e_identified, "e_reason": self.e_reason,
+                "e_reaches_zero": self.e_reaches_zero,
+                "e_reaches_min_loss": self.e_reaches_min_loss,
                 "profile": self.profile.to_dict() if self.profile is not None else None}
 
     @classmethod
@@ -175,7 +179,9 @@ class PowerLawFit:
                    objective=_number(d.get("objective")),
                    profile=LossLawProfile.from_dict(d.get("profile")),
                    e_identified=bool(d.get("e_identified", True)),
-                   e_reason=str(d.get("e_reason", "")))
+                   e_reason=str(d.get("e_reason", "")),
+                   e_reaches_zero=bool(d.get("e_reaches_zero", False)),
+                   e_reaches_min_loss=bool(d.get("e_reaches_min_loss", False)))
 
 
 @dataclass(frozen=True)
@@ -418,8 +424,14 @@ def fit_loss_law_fixed_e(compute: Sequence[float], loss: Sequence[float],
 
 
 def _fixed_e_fits(x: np.ndarray, log_loss: np.ndarray, loss: np.ndarray, e: np.ndarray,
-                  delta: float | None, max_iter: int = 30, tol: float = 1e-10) -> _FixedEFits:
-    """`fit_loss_law_fixed_e` on centred log C = x, vectorised over the E values."""
+                  delta: float | None, max_iter: int | None = None,
+                  tol: float = 1e-10) -> _FixedEFits:
+    """`fit_loss_law_fixed_e` on centred log C = x, vectorised over the E values.
+
+    Least squares converges in a few steps (more near E = min L); reweighting for Huber
+    converges linearly, so it gets more.
+    """
+    max_iter = max_iter if max_iter is not None else 30 if delta is None else 300
     e_col = e[:, None]
     gap = loss[None, :] - e_col
     log_a0, alpha = _weighted_line(x, np.log(gap), (gap / loss[None, :]) ** 2)
@@ -441,14 +453,16 @@ def _fixed_e_fits(x: np.ndarray, log_loss: np.ndarray, loss: np.ndarray, e: np.n
         d_a0, d_alpha = np.where(active, d_a0, 0.0), np.where(active, d_alpha, 0.0)
         step = np.ones_like(log_a0)
         for _ in range(12):  # halve the step where the objective would rise
-            worse = ~(evaluate(log_a0 + step * d_a0, alpha + step * d_alpha)[2]
-                      <= q * (1.0 + 1e-13))
+            r_new, share_new, q_new = evaluate(log_a0 + step * d_a0, alpha + step * d_alpha)
+            worse = ~(q_new <= q * (1.0 + 1e-13))
             if not worse.any():
                 break
             step = np.where(worse, 0.5 * step, step)
-        step = np.where(worse, 0.0, step)
+        step = np.where(worse, 0.0, step)  # rows that never improved keep their values
         log_a0, alpha = log_a0 + step * d_a0, alpha + step * d_alpha
-        r, share, q = evaluate(log_a0, alpha)
+        r = np.where(worse[:, None], r, r_new)
+        share = np.where(worse[:, None], share, share_new)
+        q = np.where(worse, q, q_new)
         active &= np.maximum(np.abs(step * d_a0), np.abs(step * d_alpha)) > tol
         if not active.any():
             break
@@ -484,15 +498,16 @@ class _LossLawData(NamedTuple):
     log_loss: np.ndarray
     loss: np.ndarray
     delta: float | None
+    tol: float  # Gauss-Newton stops when no parameter moves more than this
 
     @classmethod
-    def of(cls, compute, loss, delta):
+    def of(cls, compute, loss, delta, tol: float = 1e-10):
         log_c = np.log(compute)
-        return cls(log_c - log_c.mean(), float(log_c.mean()), np.log(loss), loss, delta)
+        return cls(log_c - log_c.mean(), float(log_c.mean()), np.log(loss), loss, delta, tol)
 
     def fits(self, e: np.ndarray) -> _FixedEFits:
         return _fixed_e_fits(self.x, self.log_loss, self.loss, np.asarray(e, np.float64),
-                             self.delta)
+                             self.delta, tol=self.tol)
 
     def objective(self, e: float) -> float:
         return float(self.fits(np.array([e])).objective[0])
@@ -639,10 +654,11 @@ def _variance_ratio(data: _LossLawData, group_ids: np.ndarray, e_hat: float,
 def _loss_law_minimum(compute: np.ndarray, loss: np.ndarray, delta: float | None,
                       n_grid: int) -> tuple[float, float, float]:
     """(E, A, alpha) at the profile's minimum, by grid search and a local zoom: the
-    bootstrap refit, started from nothing but the resample itself."""
-    data = _LossLawData.of(compute, loss, delta)
+    bootstrap refit, started from nothing but the resample itself. Its Gauss-Newton stops
+    at 1e-7 in (log A, alpha): far below the spread of the refits."""
+    data = _LossLawData.of(compute, loss, delta, tol=1e-7)
     grid = loss_law_e_grid(loss, n_grid)
-    e, q = _zoomed_argmin(data.fits, grid)
+    e, _ = _zoomed_argmin(data.fits, grid)
     fits = data.fits(np.array([e]))
     alpha = float(fits.alpha[0])
     return e, math.exp(float(fits.log_a0[0]) + alpha * data.x_mean), alpha
@@ -696,6 +712,9 @@ def fit_power_law(compute: Sequence[float], loss: Sequence[float], *,
             lambda xs, ys: _loss_law_minimum(xs, ys, huber_delta, n_grid), x, y, group_ids,
             groups is not None, ("E", "A", "alpha"), n_boot, seed, confidence)
         e_lo, e_hi = _union(profile.intervals["E"], bootstrap.intervals.get("E"))
+        # A resample without the lowest point may put E above this data's min L, where the
+        # law cannot pass under that point: the grid's top is as far as E's interval goes.
+        e_hi = min(e_hi, float(profile.e_grid[-1]))
         k, q_min = profile.lr_scale, profile.objective
         log_a_lo, log_a_hi, alpha_lo, alpha_hi = _joint_ranges(
             _LossLawData.of(x, y, huber_delta), profile.e_grid, e_lo, e_hi, profile.E,
@@ -707,7 +726,7 @@ def fit_power_law(compute: Sequence[float], loss: Sequence[float], *,
             "alpha": _union((alpha_lo, alpha_hi), profile.intervals["alpha"],
                             bootstrap.intervals.get("alpha")),
         }
-    e_identified, e_reason = _e_identification(
+    at_zero, at_top, e_reason = _e_identification(
         profile, intervals.get("E", profile.intervals["E"]), y, confidence)
     problems = _bootstrap_problems(bootstrap)
     if problems:
@@ -715,7 +734,7 @@ def fit_power_law(compute: Sequence[float], loss: Sequence[float], *,
     return PowerLawFit(profile.E, profile.A, profile.alpha, x, y, intervals, confidence, n_boot,
                        huber_delta, profile.objective,
                        None if groups is None else np.asarray(groups), profile, bootstrap,
-                       e_identified, e_reason)
+                       not (at_zero or at_top), e_reason, at_zero, at_top)
 
 
 def bootstrap_fit(compute: Sequence[float], loss: Sequence[float], n_boot: int = 1000,
@@ -731,23 +750,28 @@ def bootstrap_fit(compute: Sequence[float], loss: Sequence[float], n_boot: int =
 
 
 def _e_identification(profile: LossLawProfile, e_interval: tuple[float, float],
-                      loss: np.ndarray, confidence: float) -> tuple[bool, str]:
-    """Whether E's interval lies strictly inside (0, min L), and the reason in words."""
+                      loss: np.ndarray, confidence: float) -> tuple[bool, bool, str]:
+    """(reaches 0, reaches min L, the reason in words) for E's interval.
+
+    An end counts as reached when the interval enters the grid's first or last cell: a
+    refit there sits at the edge of what the grid can tell apart from the end itself.
+    """
     lo, hi = e_interval
     low = float(loss.min())
     pct = f"{100 * confidence:g}%"
-    at_zero, at_top = lo <= 0.0, hi >= profile.e_grid[-1]
+    at_zero, at_top = bool(lo < profile.e_grid[1]), bool(hi > profile.e_grid[-2])
     text = f"[{format_number(lo)}, {format_number(hi)}]"
     if not (at_zero or at_top):
-        return True, f"E's {pct} interval {text} lies inside (0, min L = {format_number(low)})"
+        return False, False, (f"E's {pct} interval {text} lies inside (0, min L = "
+                              f"{format_number(low)})")
     ends = []
     if at_zero:
         ends.append("reaches E = 0: a pure power law (no floor) fits these points as well")
     if at_top:
         ends.append(f"reaches the lowest fitted loss ({format_number(low)}): a floor just under "
                     "the lowest point fits as well")
-    return False, (f"E unidentified: its {pct} interval {text} " + " and ".join(ends)
-                   + "; alpha's interval is joint, over every E in that range")
+    return at_zero, at_top, (f"E unidentified: its {pct} interval {text} " + " and ".join(ends)
+                             + "; alpha's interval is joint, over every E in that range")
 
 
 def _union(*intervals: tuple[float, float] | None) -> tuple[float, float]:

@@ -201,6 +201,8 @@ def _interval_text(fit: dict, name: str) -> str:
 
 
 def _bootstrap_text(bootstrap: Mapping) -> str:
+    if not bootstrap["n_resamples"]:
+        return f"no bootstrap: {bootstrap['n_groups']} run(s) are too few to resample"
     unit = ("whole runs resampled" if bootstrap["unit"] == "run"
             else "points resampled as if independent")
     return (f"bootstrap over {bootstrap['n_groups']} {bootstrap['unit']}s, {unit}, "
