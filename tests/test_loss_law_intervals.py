@@ -192,21 +192,29 @@ def test_group_resamples_draw_whole_runs():
 def test_every_refit_sees_whole_runs_and_no_starting_point(monkeypatch):
     compute, loss, runs = synthetic_frontier(np.random.default_rng(6))
     seen = []
-    real = fits._loss_law_minimum
+    real = fits._loss_law_minima
 
-    def spy(xs, ys, *args, **kwargs):
-        seen.append(xs.copy())
-        return real(xs, ys, *args, **kwargs)
+    def spy(*args, **kwargs):  # the refits get the points and their counts, nothing else
+        assert len(args) + len(kwargs) == 5
+        seen.append(args[2].copy())
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(fits, "_loss_law_minimum", spy)
+    monkeypatch.setattr(fits, "_loss_law_minima", spy)
     fit = scaling.fit_power_law(compute, loss, groups=runs, n_boot=30, seed=0)
-    assert len(seen) == 30 and fit.bootstrap.unit == "run" and fit.bootstrap.n_groups == 6
-    run_of = dict(zip(compute, runs, strict=True))
-    for xs in seen:
-        for run in set(run_of[c] for c in xs):
-            run_points = compute[runs == run]
-            counts = [int((xs == c).sum()) for c in run_points]
-            assert len(set(counts)) == 1 and counts[0] >= 1
+    assert fit.bootstrap.unit == "run" and fit.bootstrap.n_groups == 6
+    counts = np.concatenate(seen)
+    assert counts.shape == (30, len(loss))
+    np.testing.assert_array_equal(counts, fits.resample_counts(runs, 30, seed=0))
+    for row in counts:
+        per_run = [set(row[runs == r]) for r in np.unique(runs)]
+        assert all(len(c) == 1 for c in per_run)  # a run's points all in, the same times
+        assert sum(c.pop() for c in per_run) == 6
+
+    # Each refit is what the same grid search gives on that resample alone.
+    idx = np.repeat(np.arange(len(loss)), counts[0].astype(int))
+    alone = scaling.fit_power_law(compute[idx], loss[idx], n_boot=0)
+    refit = fits._loss_law_minima(compute, loss, counts[:1], None, fits.E_GRID_POINTS)[0]
+    assert refit == pytest.approx([alone.E, alone.A, alone.alpha], rel=2e-3)
 
 
 def test_refits_are_cold_so_intervals_do_not_end_at_the_estimate():

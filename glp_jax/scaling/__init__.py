@@ -25,6 +25,7 @@ from glp_jax.scaling.fits import (
     group_resamples,
     loss_law_e_grid,
     profile_loss_law,
+    resample_counts,
 )
 from glp_jax.scaling.formatting import format_count, format_number
 from glp_jax.scaling.frontier import (
@@ -64,6 +65,6 @@ __all__ = [
     "fit_downstream_vs_compute", "fit_linear_vs_loss", "fit_loss_law_fixed_e",
     "fit_power_law", "fit_runs", "fit_sweep", "format_count", "format_number", "frontier",
     "group_resamples", "load_run", "load_runs", "loss_law_e_grid", "metric_columns",
-    "metric_curve", "metric_vs_loss", "profile_loss_law", "read_results", "results_markdown",
-    "run_curve", "write_results",
+    "metric_curve", "metric_vs_loss", "profile_loss_law", "read_results", "resample_counts",
+    "results_markdown", "run_curve", "write_results",
 ]

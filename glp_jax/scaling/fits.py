@@ -424,17 +424,19 @@ def fit_loss_law_fixed_e(compute: Sequence[float], loss: Sequence[float],
 
 
 def _fixed_e_fits(x: np.ndarray, log_loss: np.ndarray, loss: np.ndarray, e: np.ndarray,
-                  delta: float | None, max_iter: int | None = None,
-                  tol: float = 1e-10) -> _FixedEFits:
+                  delta: float | None, max_iter: int | None = None, tol: float = 1e-10,
+                  counts: np.ndarray | None = None) -> _FixedEFits:
     """`fit_loss_law_fixed_e` on centred log C = x, vectorised over the E values.
 
-    Least squares converges in a few steps (more near E = min L); reweighting for Huber
-    converges linearly, so it gets more.
+    `counts` [n_E, n] weighs each point by how often a resample holds it (0: left out; such
+    points may lie below E). Least squares converges in a few steps (more near E = min L);
+    reweighting for Huber converges linearly, so it gets more.
     """
     max_iter = max_iter if max_iter is not None else 30 if delta is None else 300
+    counts = np.ones((1, len(x))) if counts is None else counts
     e_col = e[:, None]
-    gap = loss[None, :] - e_col
-    log_a0, alpha = _weighted_line(x, np.log(gap), (gap / loss[None, :]) ** 2)
+    gap = np.where(counts > 0, loss[None, :] - e_col, loss[None, :])
+    log_a0, alpha = _weighted_line(x, np.log(gap), counts * (gap / loss[None, :]) ** 2)
     with np.errstate(divide="ignore"):
         log_e = np.log(e_col)
 
@@ -442,13 +444,13 @@ def _fixed_e_fits(x: np.ndarray, log_loss: np.ndarray, loss: np.ndarray, e: np.n
         reducible = log_a0[:, None] - alpha[:, None] * x
         log_pred = np.logaddexp(reducible, log_e)
         r = log_loss - log_pred
-        return r, np.exp(reducible - log_pred), _rho_psi(r, delta)[0].sum(axis=1)
+        return r, np.exp(reducible - log_pred), (counts * _rho_psi(r, delta)[0]).sum(axis=1)
 
     r, share, q = evaluate(log_a0, alpha)
     active = np.isfinite(q)
     for _ in range(max_iter):
         # Gauss-Newton (reweighted for Huber) in (log A0, alpha): d log_pred = share·(1, -x).
-        w = _irls_weights(r, delta)
+        w = counts * _irls_weights(r, delta)
         d_a0, d_alpha = _solve_2x2(*_normal_equations(share, -x * share, w, r))
         d_a0, d_alpha = np.where(active, d_a0, 0.0), np.where(active, d_alpha, 0.0)
         step = np.ones_like(log_a0)
@@ -466,7 +468,7 @@ def _fixed_e_fits(x: np.ndarray, log_loss: np.ndarray, loss: np.ndarray, e: np.n
         active &= np.maximum(np.abs(step * d_a0), np.abs(step * d_alpha)) > tol
         if not active.any():
             break
-    dpsi = _rho_psi(r, delta)[2]
+    dpsi = counts * _rho_psi(r, delta)[2]
     h_aa, h_av, h_vv, _, _ = _normal_equations(share, -x * share, dpsi, r)
     hessian = np.stack([np.stack([h_aa, h_av], -1), np.stack([h_av, h_vv], -1)], -2)
     return _FixedEFits(log_a0, alpha, q, hessian, r)
@@ -651,41 +653,55 @@ def _variance_ratio(data: _LossLawData, group_ids: np.ndarray, e_hat: float,
     return float(max(1.0, *ratios)) if len(ratios) else 1.0
 
 
-def _loss_law_minimum(compute: np.ndarray, loss: np.ndarray, delta: float | None,
-                      n_grid: int) -> tuple[float, float, float]:
-    """(E, A, alpha) at the profile's minimum, by grid search and a local zoom: the
-    bootstrap refit, started from nothing but the resample itself. Its Gauss-Newton stops
-    at 1e-7 in (log A, alpha): far below the spread of the refits."""
+def _loss_law_minima(compute: np.ndarray, loss: np.ndarray, counts: np.ndarray,
+                     delta: float | None, n_grid: int) -> np.ndarray:
+    """[B, 3] (E, A, alpha) at the profile minimum of each resample (`counts` [B, n]: how
+    often it holds each point): the bootstrap refits. Each is a grid search over its own
+    E grid (up to its own lowest loss) and a zoom, started from nothing but the resample.
+    Gauss-Newton stops at 1e-7 in (log A, alpha): far below the spread of the refits."""
     data = _LossLawData.of(compute, loss, delta, tol=1e-7)
-    grid = loss_law_e_grid(loss, n_grid)
-    e, _ = _zoomed_argmin(data.fits, grid)
-    fits = data.fits(np.array([e]))
-    alpha = float(fits.alpha[0])
-    return e, math.exp(float(fits.log_a0[0]) + alpha * data.x_mean), alpha
+    lowest = np.where(counts > 0, loss, np.inf).min(axis=1)
+    grid_BxG = lowest[:, None] * (loss_law_e_grid([1.0], n_grid))[None, :]
+
+    def fits_of(e_BxK: np.ndarray) -> _FixedEFits:
+        k = e_BxK.shape[1]
+        return _fixed_e_fits(data.x, data.log_loss, loss, e_BxK.reshape(-1), delta,
+                             tol=data.tol, counts=np.repeat(counts, k, axis=0))
+
+    e_B = _batched_argmin(lambda e: fits_of(e).objective.reshape(e.shape), grid_BxG)
+    best = fits_of(e_B[:, None])
+    log_a = best.log_a0 + best.alpha * data.x_mean
+    return np.column_stack([e_B, np.exp(log_a), best.alpha])
 
 
-def _zoomed_argmin(fits_of: Callable, grid: np.ndarray, zoom: int = 17) -> tuple[float, float]:
-    """Argmin of a profile over `grid`, refined on a finer grid between its neighbours and
-    by the parabola through the best three points there."""
-    q = fits_of(grid).objective
-    if not np.isfinite(q).any():
-        raise GLPError("no finite objective on the grid")
-    k = int(np.nanargmin(np.where(np.isfinite(q), q, np.nan)))
-    fine = np.linspace(grid[max(k - 1, 0)], grid[min(k + 1, len(grid) - 1)], zoom)
-    q_fine = fits_of(fine).objective
-    j = int(np.nanargmin(np.where(np.isfinite(q_fine), q_fine, np.nan)))
-    best, q_best = float(fine[j]), float(q_fine[j])
-    if 0 < j < zoom - 1 and np.isfinite(q_fine[j - 1:j + 2]).all():
-        x0, x1, x2 = fine[j - 1:j + 2]
-        y0, y1, y2 = q_fine[j - 1:j + 2]
-        denom = (y0 - 2 * y1 + y2)
-        if denom > 0:
-            vertex = x1 + 0.5 * (x1 - x0) * (y0 - y2) / denom
-            if x0 < vertex < x2:
-                q_vertex = float(fits_of(np.array([vertex])).objective[0])
-                if q_vertex < q_best:
-                    best, q_best = float(vertex), q_vertex
-    return best, q_best
+def _batched_argmin(objective_of: Callable[[np.ndarray], np.ndarray], grid_BxG: np.ndarray,
+                    zoom: int = 17) -> np.ndarray:
+    """Per row, the argmin of a 1-D profile over that row's grid, refined on a finer grid
+    between the best point's neighbours and by the parabola through the best three there
+    (NaN where a row's profile is nowhere finite). `objective_of` maps [B, K] values to
+    [B, K] objectives, row b using resample b."""
+    rows = np.arange(len(grid_BxG))
+    q = _finite_or_inf(objective_of(grid_BxG))
+    k = q.argmin(axis=1)
+    lo = grid_BxG[rows, np.maximum(k - 1, 0)]
+    hi = grid_BxG[rows, np.minimum(k + 1, grid_BxG.shape[1] - 1)]
+    fine = lo[:, None] + (hi - lo)[:, None] * np.linspace(0.0, 1.0, zoom)[None, :]
+    q_fine = _finite_or_inf(objective_of(fine))
+    j = np.clip(q_fine.argmin(axis=1), 1, zoom - 2)
+    x0, x1, x2 = (fine[rows, j + d] for d in (-1, 0, 1))
+    y0, y1, y2 = (q_fine[rows, j + d] for d in (-1, 0, 1))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        curvature = y0 - 2 * y1 + y2
+        vertex = x1 + 0.5 * (x1 - x0) * (y0 - y2) / curvature
+    vertex = np.where((curvature > 0) & (vertex > x0) & (vertex < x2), vertex, x1)
+    q_vertex = _finite_or_inf(objective_of(vertex[:, None]))[:, 0]
+    best_fine = fine[rows, q_fine.argmin(axis=1)]
+    best = np.where(q_vertex < q_fine.min(axis=1), vertex, best_fine)
+    return np.where(np.isfinite(q.min(axis=1)), best, np.nan)
+
+
+def _finite_or_inf(values: np.ndarray) -> np.ndarray:
+    return np.where(np.isfinite(values), values, np.inf)
 
 
 @_one_blas_thread
@@ -709,7 +725,7 @@ def fit_power_law(compute: Sequence[float], loss: Sequence[float], *,
     intervals, bootstrap = {}, None
     if n_boot:
         bootstrap = _run_bootstrap(
-            lambda xs, ys: _loss_law_minimum(xs, ys, huber_delta, n_grid), x, y, group_ids,
+            lambda counts: _loss_law_minima(x, y, counts, huber_delta, n_grid), x, group_ids,
             groups is not None, ("E", "A", "alpha"), n_boot, seed, confidence)
         e_lo, e_hi = _union(profile.intervals["E"], bootstrap.intervals.get("E"))
         # A resample without the lowest point may put E above this data's min L, where the
@@ -807,40 +823,45 @@ def group_resamples(groups: Sequence, n_boot: int, seed: int = 0) -> Iterator[np
         yield np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
 
 
-def _run_bootstrap(refit: Callable, x: np.ndarray, y: np.ndarray, group_ids: np.ndarray,
-                   by_run: bool, names: Sequence[str], n_boot: int, seed: int,
-                   confidence: float, min_distinct: int = 4) -> Bootstrap:
-    """Percentile intervals of `refit(x, y)` over resamples of whole groups.
+def resample_counts(groups: Sequence, n_boot: int, seed: int = 0) -> np.ndarray:
+    """[n_boot, n] how often each point appears in each of `group_resamples`' resamples."""
+    n = len(np.asarray(groups).reshape(-1))
+    return np.array([np.bincount(idx, minlength=n)
+                     for idx in group_resamples(groups, n_boot, seed)], dtype=np.float64)
 
-    `refit` sees only the resample: no starting point from the full-data fit. A resample with
-    too few distinct x, or whose refit fails, counts in `n_failed`. Fewer than MIN_GROUPS
-    runs give no run-level interval at all (2 runs have 3 distinct resamples).
+
+def _run_bootstrap(refit: Callable[[np.ndarray], np.ndarray], x: np.ndarray,
+                   group_ids: np.ndarray, by_run: bool, names: Sequence[str], n_boot: int,
+                   seed: int, confidence: float, min_distinct: int = 4,
+                   chunk: int = 64) -> Bootstrap:
+    """Percentile intervals of refits on resamples of whole groups.
+
+    `refit(counts)` maps [B, n] point multiplicities (`resample_counts`) to [B, p]
+    coefficients, NaN where it fails; it sees only the resamples, no starting point from the
+    full-data fit. A resample with too few distinct x, or whose refit fails, counts in
+    `n_failed`. Fewer than MIN_GROUPS runs give no run-level interval at all (2 runs have 3
+    distinct resamples).
     """
     n_groups = int(group_ids.max()) + 1
     unit = "run" if by_run else "point"
     if by_run and n_groups < MIN_GROUPS:
         return Bootstrap(unit, n_groups, 0, 0, {})
-    samples, failed = [], 0
-    for idx in group_resamples(group_ids, n_boot, seed):
-        if len(np.unique(x[idx])) < min_distinct:
-            failed += 1
-            continue
-        try:
-            with np.errstate(all="ignore"):
-                sample = refit(x[idx], y[idx])
-        except GLPError:
-            failed += 1
-            continue
-        if not np.isfinite(sample).all():
-            failed += 1
-            continue
-        samples.append(sample)
+    counts = resample_counts(group_ids, n_boot, seed)
+    _, x_ids = np.unique(x, return_inverse=True)
+    distinct = np.array([len(np.unique(x_ids[c > 0])) for c in counts])
+    counts = counts[distinct >= min_distinct]
+    samples = np.empty((0, len(names)))
+    if len(counts):
+        with np.errstate(all="ignore"):
+            samples = np.concatenate([refit(counts[i:i + chunk])
+                                      for i in range(0, len(counts), chunk)])
+    samples = samples[np.isfinite(samples).all(axis=1)]
     intervals = {}
     if len(samples) >= 2:
         tail = 50.0 * (1.0 - confidence)
-        lo, hi = np.percentile(np.array(samples, dtype=np.float64), [tail, 100.0 - tail], axis=0)
+        lo, hi = np.percentile(samples, [tail, 100.0 - tail], axis=0)
         intervals = {name: (float(lo[i]), float(hi[i])) for i, name in enumerate(names)}
-    return Bootstrap(unit, n_groups, n_boot, failed, intervals)
+    return Bootstrap(unit, n_groups, n_boot, n_boot - len(samples), intervals)
 
 
 def _bootstrap_problems(bootstrap: Bootstrap | None) -> list[str]:
@@ -874,12 +895,14 @@ class _SaturatingFits(NamedTuple):
 
 
 def _saturating_fixed_beta(x: np.ndarray, value: np.ndarray, beta: np.ndarray, sign: float,
-                           delta: float | None, max_iter: int = 50) -> _SaturatingFits:
+                           delta: float | None, max_iter: int = 50,
+                           counts: np.ndarray | None = None) -> _SaturatingFits:
     """f = a + sign·b0·exp(-beta·x) at each fixed beta: linear in (a, b0), so (reweighted)
     least squares with b0 >= 0 (b0 held at 0 and a the weighted mean when the data slope
-    the other way)."""
+    the other way). `counts` [n_beta, n] weighs the points as in `_fixed_e_fits`."""
     t = np.exp(-np.asarray(beta, np.float64)[:, None] * x[None, :])
-    w = np.ones_like(t)
+    counts = np.ones_like(t) if counts is None else counts
+    w = counts
     for _ in range(max_iter if delta is not None else 1):
         sw, st, stt = w.sum(1), (w * t).sum(1), (w * t * t).sum(1)
         sv, stv = (w * value).sum(1), (w * t * value).sum(1)
@@ -889,11 +912,11 @@ def _saturating_fixed_beta(x: np.ndarray, value: np.ndarray, beta: np.ndarray, s
         c = np.where(clamped, 0.0, c)
         a = (sv - c * st) / sw
         r = value - a[:, None] - c[:, None] * t
-        w_next = _irls_weights(r, delta)
+        w_next = counts * _irls_weights(r, delta)
         if np.abs(w_next - w).max() < 1e-12:
             break
         w = w_next
-    return _SaturatingFits(a, sign * c, _rho_psi(r, delta)[0].sum(1), clamped)
+    return _SaturatingFits(a, sign * c, (counts * _rho_psi(r, delta)[0]).sum(1), clamped)
 
 
 def _beta_grid() -> np.ndarray:
@@ -902,9 +925,9 @@ def _beta_grid() -> np.ndarray:
 
 
 def _saturating_minimum(compute: np.ndarray, value: np.ndarray, sign: float,
-                        delta: float | None, *, refine: bool = False) -> tuple[float, float, float, bool, float]:
-    """(a, b, beta, at a bound, objective) at the minimum over beta of the profile: a grid
-    search, zoomed (bootstrap) or refined by Brent in log beta (the point estimate)."""
+                        delta: float | None) -> tuple[float, float, float, bool, float]:
+    """(a, b, beta, at a bound, objective) at the minimum over beta of the profile: the
+    best point of the beta grid, refined by Brent in log beta between its neighbours."""
     log_c = np.log(compute)
     x, x_mean = log_c - log_c.mean(), float(log_c.mean())
     grid = _beta_grid()
@@ -912,20 +935,37 @@ def _saturating_minimum(compute: np.ndarray, value: np.ndarray, sign: float,
     def fits_of(betas):
         return _saturating_fixed_beta(x, value, np.asarray(betas, np.float64), sign, delta)
 
-    if refine:
-        q = fits_of(grid).objective
-        k = int(np.argmin(q))
-        lo, hi = np.log(grid[max(k - 1, 0)]), np.log(grid[min(k + 1, len(grid) - 1)])
-        res = minimize_scalar(lambda lb: float(fits_of([math.exp(lb)]).objective[0]),
-                              bounds=(lo, hi), method="bounded", options={"xatol": 1e-11})
-        beta = math.exp(res.x) if res.fun < q[k] else float(grid[k])
-    else:
-        beta = _zoomed_argmin(fits_of, grid)[0]
+    q = fits_of(grid).objective
+    k = int(np.argmin(q))
+    lo, hi = np.log(grid[max(k - 1, 0)]), np.log(grid[min(k + 1, len(grid) - 1)])
+    res = minimize_scalar(lambda lb: float(fits_of([math.exp(lb)]).objective[0]),
+                          bounds=(lo, hi), method="bounded", options={"xatol": 1e-11})
+    beta = math.exp(res.x) if res.fun < q[k] else float(grid[k])
     best = fits_of([beta])
     at_edge = abs(math.log(beta / grid[0])) < 1e-6 or abs(math.log(beta / grid[-1])) < 1e-6
     b0 = float(best.b0[0])
     return (float(best.a[0]), b0 * math.exp(beta * x_mean), beta,
             bool(at_edge or best.clamped[0]), float(best.objective[0]))
+
+
+def _saturating_minima(compute: np.ndarray, value: np.ndarray, counts: np.ndarray,
+                       sign: float, delta: float | None) -> np.ndarray:
+    """[B, 3] (a, b, beta) at the profile minimum of each resample: the bootstrap refits,
+    a grid search over log beta and a zoom, started from nothing but the resample."""
+    log_c = np.log(compute)
+    x, x_mean = log_c - log_c.mean(), float(log_c.mean())
+    log_grid_BxG = np.broadcast_to(np.log(_beta_grid()), (len(counts), BETA_GRID[2]))
+
+    def fits_of(log_beta_BxK: np.ndarray) -> _SaturatingFits:
+        k = log_beta_BxK.shape[1]
+        return _saturating_fixed_beta(x, value, np.exp(log_beta_BxK).reshape(-1), sign, delta,
+                                      counts=np.repeat(counts, k, axis=0))
+
+    log_beta = _batched_argmin(lambda lb: fits_of(lb).objective.reshape(lb.shape),
+                               log_grid_BxG)
+    best = fits_of(log_beta[:, None])
+    beta = np.exp(log_beta)
+    return np.column_stack([best.a, best.b0 * np.exp(beta * x_mean), beta])
 
 
 @_one_blas_thread
@@ -948,14 +988,14 @@ def fit_downstream_vs_compute(compute: Sequence[float], value: Sequence[float], 
     if increasing is None:
         increasing = bool(np.corrcoef(np.log(x), y)[0, 1] >= 0) if np.ptp(y) > 0 else True
     sign = -1.0 if increasing else 1.0
-    a, b, beta, at_bound, objective = _saturating_minimum(x, y, sign, huber_delta, refine=True)
+    a, b, beta, at_bound, objective = _saturating_minimum(x, y, sign, huber_delta)
     problems = []
     if at_bound:
         problems.append(_saturating_bound_text(b, beta))
     bootstrap = None
     if n_boot:
         bootstrap = _run_bootstrap(
-            lambda xs, ys: _saturating_minimum(xs, ys, sign, huber_delta)[:3], x, y, group_ids,
+            lambda counts: _saturating_minima(x, y, counts, sign, huber_delta), x, group_ids,
             groups is not None, ("a", "b", "beta"), n_boot, seed, confidence)
         problems += _bootstrap_problems(bootstrap) + _saturating_interval_problems(bootstrap)
     identified = not problems
@@ -1007,7 +1047,7 @@ def fit_linear_vs_loss(loss: Sequence[float], value: Sequence[float], *,
     intercept, slope = _linear(x, y)
     bootstrap, problems = None, []
     if n_boot:
-        bootstrap = _run_bootstrap(lambda xs, ys: _linear(xs, ys), x, y, group_ids,
+        bootstrap = _run_bootstrap(lambda counts: _weighted_lines(x, y, counts), x, group_ids,
                                    groups is not None, ("intercept", "slope"), n_boot, seed,
                                    confidence, min_distinct=2)
         problems = _bootstrap_problems(bootstrap)
@@ -1022,6 +1062,12 @@ def fit_linear_vs_loss(loss: Sequence[float], value: Sequence[float], *,
 def _linear(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     slope, intercept = np.polyfit(x, y, 1)
     return float(intercept), float(slope)
+
+
+def _weighted_lines(x: np.ndarray, y: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """[B, 2] (intercept, slope) of least squares on each resample (`counts` [B, n])."""
+    intercept, minus_slope = _weighted_line(x, np.broadcast_to(y, counts.shape), counts)
+    return np.column_stack([intercept, -minus_slope])
 
 
 def _check_xy(x, y, x_name: str, y_name: str, *, min_points: int, positive_x: bool = True,
