@@ -302,7 +302,8 @@ def test_findings_and_report_state_an_unidentified_e_plainly():
     finding = F.finding_loss_law(result)
     assert "E > 0: inconclusive" in finding.deciding and "E unidentified" in finding.deciding
     assert "(unidentified)" in finding.table[3] and "joint with E" in finding.table[4]
-    assert any(n.startswith("E unidentified") and "Fixing E = 0" in n for n in finding.notes)
+    assert any(n.startswith("E unidentified") and "With E fixed at 0" in n
+               for n in finding.notes)
     md = scaling.results_markdown(result)
     assert "**E unidentified:**" in md and "bootstrap over 6 runs" in md
 
@@ -334,3 +335,32 @@ def test_new_fields_survive_json():
     assert d["groups"] == runs.tolist() and d["bootstrap"]["unit"] == "run"
     assert d["e_identified"] is True and d["profile"]["dof"] == 5
     assert back.profile.intervals == fit.profile.intervals
+
+
+def test_fit_runs_tells_every_fit_the_run_of_each_point(tmp_path):
+    from test_scaling import write_sweep
+
+    result = scaling.fit_sweep(write_sweep(tmp_path / "sweep"), n_boot=30, seed=0)
+    fit = result["loss_fit"]
+    assert fit["groups"] == [p["run"] for p in result["frontier"]["points"]]
+    assert fit["bootstrap"]["unit"] == "run" and fit["bootstrap"]["n_groups"] == 4
+    for metric in ("probe_auc", "steer_score"):
+        for kind in ("vs_compute", "vs_loss"):
+            d = result["downstream"][metric][kind]
+            assert d["bootstrap"]["unit"] == "run" and len(d["groups"]) == d["n_points"]
+            assert set(d["groups"]) <= {"d3", "d6", "d12", "d24"}
+
+
+def test_findings_read_a_scaling_json_from_before_the_profile():
+    """The committed report's numbers (reports/REPORT.md): the old fit had no profile and
+    no e_identified; its E interval pinned near zero still reads as unresolved."""
+    compute = np.geomspace(3.76e10, 9.41e13, 12)
+    legacy = {"formula": "L = 3.07e-10 + 4.918·C^-0.03879", "E": 3.07e-10, "A": 4.918,
+              "alpha": 0.03879, "x": compute.tolist(),
+              "y": (4.918 * compute ** -0.03879).tolist(),
+              "intervals": {"E": [2.893e-10, 3.071e-10], "A": [4.8, 5.0],
+                            "alpha": [0.03686, 0.04016]}}
+    finding = F.finding_loss_law(_minimal_result(legacy))
+    assert "E > 0: inconclusive" in finding.deciding
+    assert any(n.startswith("E unidentified") and "1% of the lowest fitted loss" in n
+               for n in finding.notes)

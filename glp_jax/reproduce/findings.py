@@ -110,9 +110,10 @@ def finding_loss_law(scaling: Mapping) -> Finding:
         e_floor = E_RESOLVED_FRACTION * min(fit["y"])
         e_positive = e_lo >= e_floor
         e_identified = e_positive
-        e_reason = (f"E is not resolved: the lower end of its interval ({e_lo:.3g}) is below "
+        e_reason = (f"the lower end of its interval ({e_lo:.3g}) is below "
                     f"{100 * E_RESOLVED_FRACTION:g}% of the lowest fitted loss "
-                    f"({min(fit['y']):.4g})") if not e_positive else ""
+                    f"({min(fit['y']):.4g}), so no floor is resolved (a fit from before the "
+                    "profile over E: refit for a joint alpha interval)") if not e_positive else ""
     else:
         e_positive = not fit.get("e_reaches_zero", not e_lo > 0)
         e_reason = fit.get("e_reason", "")
@@ -141,8 +142,8 @@ def finding_loss_law(scaling: Mapping) -> Finding:
         note = f"E unidentified: {e_reason.removeprefix('E unidentified: ')}."
         alpha_at_zero = _alpha_at_zero_floor(fit)
         if alpha_at_zero is not None:
-            note += (f" Fixing E = 0 would give alpha = {alpha_at_zero:.4g} with a far narrower "
-                     "interval, but that precision holds only under an assumption these points "
+            note += (f" With E fixed at 0 the best alpha is {alpha_at_zero:.4g}; an interval "
+                     "for alpha at that E alone holds only under an assumption these points "
                      "cannot check, so the bar is judged on the joint interval.")
         notes.append(note)
     bootstrap = fit.get("bootstrap") or {}

@@ -11,8 +11,9 @@
 Points of one run share that run's deviation from the law, so they are not independent:
 callers pass `groups` (one run id per point) and the bootstrap resamples whole runs. Every
 bootstrap refit is the same grid search as the full fit, never started at its estimate. A
-fit whose data cannot pin it down says so (`e_identified` / `identified` and a reason)
-instead of reporting intervals. Everything here is numpy/scipy and pure.
+fit whose data cannot pin it down says so (`e_identified` / `identified` and a reason): E's
+interval then runs to the end of its grid (0 or min L), and a downstream fit reports no
+intervals at all. Everything here is numpy/scipy and pure.
 """
 
 from __future__ import annotations
@@ -98,14 +99,6 @@ class LossLawProfile:
     alpha: float
     objective: float
     intervals: dict[str, tuple[float, float]]  # E, A, alpha from the profile alone
-
-    @property
-    def reaches_zero(self) -> bool:
-        return bool(self.statistic_grid[0] <= self.cutoff)
-
-    @property
-    def reaches_top(self) -> bool:
-        return bool(self.statistic_grid[-1] <= self.cutoff)
 
     def to_dict(self) -> dict:
         return {"e_grid": _floats(self.e_grid), "objective_grid": _floats(self.objective_grid),

@@ -218,8 +218,8 @@ def _loss_law_intervals_text(fit: Mapping) -> str:
     if profile:
         ratio = profile["variance_ratio"]
         parts.append(f"the profile likelihood over E (F(1, {profile['dof']}) cutoff"
-                     + (f", widened {ratio:.3g}x for points correlated within a run" if ratio > 1
-                        else "") + ")")
+                     + (f", variance ratio {ratio:.3g} for points correlated within a run"
+                        if ratio > 1 else "") + ")")
     if fit.get("bootstrap"):
         parts.append(_bootstrap_text(fit["bootstrap"]))
     return ("Intervals: the union of " + " and ".join(parts) + "; alpha's and A's cover the "
@@ -253,8 +253,9 @@ def results_markdown(result: dict) -> str:
         lines.append(f"| {name} | {format_number(loss_fit[name])} | {_interval_text(loss_fit, name)} |")
     lines += ["", _loss_law_intervals_text(loss_fit)]
     if loss_fit.get("e_reason"):
-        lines += ["", f"**{'E identified' if loss_fit.get('e_identified', True) else 'E unidentified'}:"
-                  f"** {loss_fit['e_reason']}."]
+        identified = loss_fit.get("e_identified", True)
+        reason = loss_fit["e_reason"].removeprefix("E unidentified: ")
+        lines += ["", f"**{'E identified' if identified else 'E unidentified'}:** {reason}."]
     if result.get("downstream"):
         lines += ["", "| metric | fit | formula | n points | intervals |", "|---|---|---|---|---|"]
         for metric, fits in result["downstream"].items():
