@@ -20,9 +20,9 @@ from glp_jax.evals import stats
 
 REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive"
 ALPHA_PRECISION = 0.25  # the design bar: alpha's 95% CI within +-25% of the estimate
-# E counts as resolved (> 0) when the lower end of its interval is at least this fraction of
-# the lowest loss fitted: the fit bounds log E only far below the data (E >= 1e-13 L_min),
-# so a floor the data cannot see shows up as an interval pinned near zero, not at zero.
+# Only for scaling.json written before the profile fit (no `e_identified`): that fit bounded
+# log E far below the data, so an unseen floor showed up as an interval pinned near zero;
+# E counted as resolved when the interval's lower end reached this fraction of the lowest loss.
 E_RESOLVED_FRACTION = 0.01
 
 
@@ -94,6 +94,9 @@ def genuine_switches(scaling: Mapping) -> list[dict]:
 
 
 def finding_loss_law(scaling: Mapping) -> Finding:
+    """The loss law judged on its joint intervals: alpha's covers every E the data allow, and
+    an E the data cannot bound (its interval reaching 0 or the lowest loss) is said to be
+    unidentified rather than read as a floor or as a precise alpha."""
     fit = scaling["loss_fit"]
     iv = fit.get("intervals", {})
     e_lo, e_hi = iv.get("E", (math.nan, math.nan))
@@ -102,38 +105,68 @@ def finding_loss_law(scaling: Mapping) -> Finding:
     precision = max(alpha - a_lo, a_hi - alpha) / alpha if alpha > 0 else math.inf
     switches = genuine_switches(scaling)
     all_switches = scaling["frontier"]["switches"]
-    e_floor = E_RESOLVED_FRACTION * min(fit["y"])
+    e_identified = fit.get("e_identified")
+    if e_identified is None:  # a scaling.json from before the profile fit: the old rule
+        e_floor = E_RESOLVED_FRACTION * min(fit["y"])
+        e_positive = e_lo >= e_floor
+        e_identified = e_positive
+        e_reason = (f"the lower end of its interval ({e_lo:.3g}) is below "
+                    f"{100 * E_RESOLVED_FRACTION:g}% of the lowest fitted loss "
+                    f"({min(fit['y']):.4g}), so no floor is resolved (a fit from before the "
+                    "profile over E: refit for a joint alpha interval)") if not e_positive else ""
+    else:
+        e_positive = not fit.get("e_reaches_zero", not e_lo > 0)
+        e_reason = fit.get("e_reason", "")
     parts = {
         "alpha > 0": REPRODUCED if a_lo > 0 else NOT_REPRODUCED if a_hi < 0 else INCONCLUSIVE,
-        "E > 0": REPRODUCED if e_lo >= e_floor else INCONCLUSIVE,
+        "E > 0": REPRODUCED if e_positive else INCONCLUSIVE,
         "a larger model becomes compute-efficient": REPRODUCED if switches else NOT_REPRODUCED,
     }
+    e_text = "" if e_identified else ", E unidentified"
     table = ["| | paper (Llama-3.2-1B layer 7, d3-d24) | this run |", "|---|---|---|",
              f"| law | L = 0.52 + 435.1 C^-0.169 | {fit['formula']} |",
-             f"| E (95% CI) | 0.52 | {fit['E']:.4g} {ci_text(e_lo, e_hi, '{:.4g}')} |",
-             f"| alpha (95% CI) | 0.169 | {alpha:.4g} {ci_text(a_lo, a_hi, '{:.4g}')}, "
-             f"+-{100 * precision:.0f}% |",
+             f"| E (95% CI) | 0.52 | {fit['E']:.4g} {ci_text(e_lo, e_hi, '{:.4g}')}"
+             f"{'' if e_identified else ' (unidentified)'} |",
+             f"| alpha (95% CI, joint with E) | 0.169 | {alpha:.4g} "
+             f"{ci_text(a_lo, a_hi, '{:.4g}')}, +-{100 * precision:.0f}% |",
              f"| compute range | 2.7e15 - 2.0e19 FLOPs | {min(fit['x']):.3g} - "
              f"{max(fit['x']):.3g} FLOPs |",
              f"| frontier switches to a larger model while the smaller still runs | d3 -> d6 -> "
              f"d12 -> d24 (Fig. 2a) | {_switch_text(switches)} |",
              f"| all frontier switches | | {_switch_text(all_switches)} |"]
-    notes = [f"alpha's interval is within +-{100 * precision:.0f}% of the estimate (design bar "
-             f"+-{100 * ALPHA_PRECISION:.0f}%: {'met' if precision <= ALPHA_PRECISION else 'missed'})."]
-    if e_lo < e_floor:
-        notes.append(f"E is not resolved: the lower end of its interval ({e_lo:.3g}) is below "
-                     f"{100 * E_RESOLVED_FRACTION:g}% of the lowest fitted loss "
-                     f"({min(fit['y']):.4g}); over this compute range the frontier is as "
-                     f"straight in log-log as a pure power law, so no floor is visible "
-                     f"(and alpha's interval is that of a two-parameter law).")
+    bar = "met" if precision <= ALPHA_PRECISION else "missed"
+    notes = [f"alpha's interval, joint with E's (it covers the best alpha at every E inside E's "
+             f"interval), is within +-{100 * precision:.0f}% of the estimate (design bar "
+             f"+-{100 * ALPHA_PRECISION:.0f}%: {bar})."]
+    if not e_identified:
+        note = f"E unidentified: {e_reason.removeprefix('E unidentified: ')}."
+        alpha_at_zero = _alpha_at_zero_floor(fit)
+        if alpha_at_zero is not None:
+            note += (f" With E fixed at 0 the best alpha is {alpha_at_zero:.4g}; an interval "
+                     "for alpha at that E alone holds only under an assumption these points "
+                     "cannot check, so the bar is judged on the joint interval.")
+        notes.append(note)
+    bootstrap = fit.get("bootstrap") or {}
+    method = ("profile likelihood over E" + (f" and a bootstrap over {bootstrap['n_groups']} "
+              f"{bootstrap['unit']}s" if bootstrap.get("n_resamples") else ""))
     return Finding("loss_law", "Loss follows a power law in compute, and larger models become "
                    "compute-optimal as compute grows", "L(C) = 0.52 + 435.1 C^-0.169 on the "
                    "compute-efficient frontier of d3/d6/d12/d24 (Llama-3.2-1B)",
                    combine(list(parts.values())),
                    "; ".join(f"{k}: {v}" for k, v in parts.items())
-                   + f" (alpha {ci_text(a_lo, a_hi, '{:.3g}')}, E {ci_text(e_lo, e_hi, '{:.3g}')}, "
+                   + f" (alpha {ci_text(a_lo, a_hi, '{:.3g}')} joint with E, "
+                   f"E {ci_text(e_lo, e_hi, '{:.3g}')}{e_text}, {method}; "
                    f"{len(switches)} switch(es) to a larger model within the smaller one's range)",
                    table, ["loss_vs_compute.png", "loss_vs_activations.png"], notes)
+
+
+def _alpha_at_zero_floor(fit: Mapping) -> float | None:
+    """alpha of the best pure power law (E = 0), from the stored profile."""
+    profile = fit.get("profile") or {}
+    grid, alphas = profile.get("e_grid"), profile.get("alpha_grid")
+    if not grid or not alphas or grid[0] != 0 or alphas[0] is None:
+        return None
+    return float(alphas[0])
 
 
 def _switch_text(switches: Sequence[Mapping]) -> str:
@@ -374,9 +407,11 @@ PAPER_VS_COMPUTE = {"probe_auc_1d": "1.00 - 8.01 C^-0.085", "steer_score": "0.63
 
 
 def finding_utility(scaling: Mapping) -> Finding:
+    """Downstream metrics vs loss (decides) and vs compute (reported); a fit whose run-level
+    bootstrap cannot pin it down is stated as unidentified, never read as an interval."""
     table = ["| metric | paper vs loss | this run vs loss: slope [95% CI] | paper vs compute | "
              "this run vs compute |", "|---|---|---|---|---|"]
-    parts, deciding, plots = {}, [], []
+    parts, deciding, plots, units = {}, [], [], set()
     for metric, fits in scaling.get("downstream", {}).items():
         if metric not in PAPER_VS_LOSS:
             continue
@@ -385,17 +420,26 @@ def finding_utility(scaling: Mapping) -> Finding:
             table.append(f"| {metric} | {PAPER_VS_LOSS[metric]} | skipped: {vl['skipped']} | "
                          f"{PAPER_VS_COMPUTE[metric]} | |")
             continue
-        lo, hi = vl["intervals"].get("slope", (math.nan, math.nan))
-        parts[f"{metric} improves as loss falls"] = side_of_zero(lo, hi, want="negative")
-        deciding.append(f"{metric} slope vs loss {vl['slope']:+.3f}, 95% CI "
-                        f"{ci_text(lo, hi, '{:+.3f}')} over {vl['n_points']} checkpoints")
+        units.add(_bootstrap_unit_text(vl.get("bootstrap")))
+        claim = f"{metric} improves as loss falls"
+        if not vl.get("identified", True):
+            parts[claim] = INCONCLUSIVE
+            deciding.append(f"{metric} slope vs loss {vl['slope']:+.3f}, {vl['reason']}")
+            vl_text = f"{vl['formula']}: {vl['reason']}"
+        else:
+            lo, hi = vl["intervals"].get("slope", (math.nan, math.nan))
+            parts[claim] = side_of_zero(lo, hi, want="negative")
+            deciding.append(f"{metric} slope vs loss {vl['slope']:+.3f}, 95% CI "
+                            f"{ci_text(lo, hi, '{:+.3f}')} over {vl['n_points']} checkpoints")
+            vl_text = f"{vl['formula']}: {vl['slope']:+.3f} {ci_text(lo, hi, '{:+.3f}')}"
         vc_text = vc.get("formula", f"skipped: {vc.get('skipped')}")
-        if "formula" in vc and "b" in vc.get("intervals", {}):
+        if "formula" in vc and not vc.get("identified", True):
+            vc_text += f" ({vc['reason']})"
+        elif "formula" in vc and "b" in vc.get("intervals", {}):
             b_lo, b_hi = vc["intervals"]["b"]
             vc_text += f" (b {ci_text(b_lo, b_hi, '{:.3g}')}, " \
                        f"{'rises' if vc.get('increasing') else 'falls'} with C)"
-        table.append(f"| {metric} | {PAPER_VS_LOSS[metric]} | {vl['formula']}: "
-                     f"{vl['slope']:+.3f} {ci_text(lo, hi, '{:+.3f}')} | "
+        table.append(f"| {metric} | {PAPER_VS_LOSS[metric]} | {vl_text} | "
                      f"{PAPER_VS_COMPUTE[metric]} | {vc_text} |")
         plots += [f"{metric}_vs_compute.png", f"{metric}_vs_loss.png"]
     verdict = combine(list(parts.values())) if parts else INCONCLUSIVE
@@ -404,4 +448,13 @@ def finding_utility(scaling: Mapping) -> Finding:
                    "steering = 1.346 - 0.928 L; vs compute 1.00 - 8.01 C^-0.085 and "
                    "0.63 - 3.92e6 C^-0.420", verdict,
                    "; ".join(f"{k}: {v}" for k, v in parts.items()) + " (" + "; ".join(deciding)
-                   + "; bootstrap over checkpoints)", table, plots)
+                   + "; " + (", ".join(sorted(units)) or "bootstrap over checkpoints") + ")",
+                   table, plots)
+
+
+def _bootstrap_unit_text(bootstrap: Mapping | None) -> str:
+    if not bootstrap:
+        return "bootstrap over checkpoints"
+    if bootstrap["unit"] == "run":
+        return f"bootstrap over {bootstrap['n_groups']} runs (whole runs resampled)"
+    return "bootstrap over checkpoints resampled as if independent"

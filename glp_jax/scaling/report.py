@@ -40,8 +40,14 @@ def fit_runs(runs: Sequence[Run], *, loss_column: str | None = None,
              compute_column: str = COMPUTE_6ND, final_only: bool = False,
              min_activations: float = 0.0, metrics: Sequence[str] | None = None,
              metric_points: str = "loss_frontier", n_boot: int = 1000, seed: int = 0,
-             huber_delta: float = 1e-3, n_grid: int = 256) -> dict:
+             huber_delta: float = 1e-3, loss_huber_delta: float | None = None,
+             n_grid: int = 256) -> dict:
     """Frontier, loss law and downstream fits of a sweep, as a JSON-able dict.
+
+    Every fit is told the run each of its points comes from, so its bootstrap resamples
+    runs: points of one run share its deviation from the law. The loss law is least
+    squares on log L (`loss_huber_delta` makes it Huber); `huber_delta` is the downstream
+    fits' Huber threshold, in the metric's units.
 
     Downstream vs compute uses, by default, the metric points logged by whichever run is
     compute-efficient (on the loss frontier) at that compute (`metric_points="all"` uses
@@ -61,7 +67,8 @@ def fit_runs(runs: Sequence[Run], *, loss_column: str | None = None,
     env = frontier(curves, final_only=final_only, n_grid=n_grid)
     used = list(env.points)
     loss_fit = fit_power_law([p.compute for p in used], [p.loss for p in used],
-                             huber_delta=huber_delta, n_boot=n_boot, seed=seed)
+                             groups=[p.name for p in used], huber_delta=loss_huber_delta,
+                             n_boot=n_boot, seed=seed)
     result = {
         "method": ("final points, one run per budget" if final_only
                    else "lower envelope of intermediate checkpoints (paper)"),
@@ -123,7 +130,7 @@ def read_results(sweep_dir: str | Path) -> dict:
 
 def _fit_metric(runs, loss_curves, env: Frontier, metric: str, *, compute_column, min_activations,
                 final_only, metric_points, n_boot, seed, huber_delta) -> dict:
-    x_c, y_c, x_l, y_l = [], [], [], []
+    x_c, y_c, g_c, x_l, y_l, g_l = [], [], [], [], [], []
     for i, run in enumerate(runs):
         curve = metric_curve(run, metric, compute_column=compute_column,
                              min_activations=min_activations, final_only=final_only)
@@ -133,18 +140,20 @@ def _fit_metric(runs, loss_curves, env: Frontier, metric: str, *, compute_column
                 else np.ones(len(curve), bool))
         x_c.extend(curve.compute[take])
         y_c.extend(curve.value[take])
+        g_c.extend([run.name] * int(take.sum()))
         loss, value = metric_vs_loss(run, loss_curves[i], curve)
         x_l.extend(loss)
         y_l.extend(value)
+        g_l.extend([run.name] * len(loss))
     out: dict = {}
     try:
-        fit = fit_downstream_vs_compute(x_c, y_c, huber_delta=huber_delta, n_boot=n_boot,
-                                        seed=seed)
+        fit = fit_downstream_vs_compute(x_c, y_c, groups=g_c, huber_delta=huber_delta,
+                                        n_boot=n_boot, seed=seed)
         out["vs_compute"] = fit.to_dict() | {"formula": fit.formula(y=metric)}
     except GLPError as e:
         out["vs_compute"] = {"skipped": str(e), "n_points": len(x_c)}
     try:
-        fit = fit_linear_vs_loss(x_l, y_l, n_boot=n_boot, seed=seed)
+        fit = fit_linear_vs_loss(x_l, y_l, groups=g_l, n_boot=n_boot, seed=seed)
         out["vs_loss"] = fit.to_dict() | {"formula": fit.formula(y=metric)}
     except GLPError as e:
         out["vs_loss"] = {"skipped": str(e), "n_points": len(x_l)}
@@ -191,6 +200,32 @@ def _interval_text(fit: dict, name: str) -> str:
     return "—" if not interval else f"[{format_number(interval[0])}, {format_number(interval[1])}]"
 
 
+def _bootstrap_text(bootstrap: Mapping) -> str:
+    if not bootstrap["n_resamples"]:
+        return f"no bootstrap: {bootstrap['n_groups']} run(s) are too few to resample"
+    unit = ("whole runs resampled" if bootstrap["unit"] == "run"
+            else "points resampled as if independent")
+    return (f"bootstrap over {bootstrap['n_groups']} {bootstrap['unit']}s, {unit}, "
+            f"{bootstrap['n_failed']} of {bootstrap['n_resamples']} refits failed")
+
+
+def _loss_law_intervals_text(fit: Mapping) -> str:
+    """How the loss law's intervals were made, in one sentence."""
+    profile = fit.get("profile")
+    if not fit.get("intervals"):
+        return "No intervals (n_boot = 0)."
+    parts = []
+    if profile:
+        ratio = profile["variance_ratio"]
+        parts.append(f"the profile likelihood over E (F(1, {profile['dof']}) cutoff"
+                     + (f", variance ratio {ratio:.3g} for points correlated within a run"
+                        if ratio > 1 else "") + ")")
+    if fit.get("bootstrap"):
+        parts.append(_bootstrap_text(fit["bootstrap"]))
+    return ("Intervals: the union of " + " and ".join(parts) + "; alpha's and A's cover the "
+            "best fit at every E inside E's interval (joint with E).")
+
+
 def results_markdown(result: dict) -> str:
     """A Markdown summary of `fit_runs`/`fit_sweep` output: runs, loss law, downstream fits."""
     loss_fit = result["loss_fit"]
@@ -216,6 +251,11 @@ def results_markdown(result: dict) -> str:
               f"| coefficient | estimate | {confidence}% CI |", "|---|---|---|"]
     for name in ("E", "A", "alpha"):
         lines.append(f"| {name} | {format_number(loss_fit[name])} | {_interval_text(loss_fit, name)} |")
+    lines += ["", _loss_law_intervals_text(loss_fit)]
+    if loss_fit.get("e_reason"):
+        identified = loss_fit.get("e_identified", True)
+        reason = loss_fit["e_reason"].removeprefix("E unidentified: ")
+        lines += ["", f"**{'E identified' if identified else 'E unidentified'}:** {reason}."]
     if result.get("downstream"):
         lines += ["", "| metric | fit | formula | n points | intervals |", "|---|---|---|---|---|"]
         for metric, fits in result["downstream"].items():
@@ -227,5 +267,9 @@ def results_markdown(result: dict) -> str:
                     continue
                 names = [k for k in fit.get("intervals", {})]
                 ci = "; ".join(f"{k} {_interval_text(fit, k)}" for k in names) or "—"
+                if not fit.get("identified", True):
+                    ci = fit["reason"]
+                elif names and fit.get("bootstrap"):
+                    ci += f" ({_bootstrap_text(fit['bootstrap'])})"
                 lines.append(f"| {metric} | {label} | {fit['formula']} | {fit['n_points']} | {ci} |")
     return "\n".join(lines) + "\n"
