@@ -431,13 +431,17 @@ def estimate_markdown(result: dict) -> list[str]:
     for label, e in ((name, est), ("lower bound (train vs val)", low)):
         lines.append(f"| {label} | {e['fd_inf']:.4g} [{e['low']:.4g}, {e['high']:.4g}] | "
                      f"{e['fd_raw']:.4g} | {e['bias']:+.4g} |")
-    rows = est["replicate_rows"]
+    rows = np.asarray(est["replicate_rows"])
+
+    def span(a):
+        return f"{a.min():,}" if a.min() == a.max() else f"{a.min():,}-{a.max():,}"
+
     lines += ["", f"FD_inf: FD of random subsets at fractions "
               f"{', '.join(f'{f:.3g}' for f in est['fractions'])} of the rows, extrapolated "
               f"linearly in 1/N to 1/N -> 0 (Chong & Forsyth 2020). Interval: t over "
-              f"{len(rows)} disjoint replicate sets ({rows[-1][0]:,}-{rows[0][0]:,} rows vs "
-              f"{rows[-1][1]:,}-{rows[0][1]:,} reference rows each), centred on FD_inf; "
-              f"paired with every method scored against the same reference rows and seed."]
+              f"{len(rows)} disjoint replicate sets ({span(rows[:, 0])} rows vs "
+              f"{span(rows[:, 1])} reference rows each), centred on FD_inf; paired with "
+              f"every method scored against the same reference rows and seed."]
     for e in (est, low):
         if e.get("warning"):
             lines.append(f"Warning: {e['warning']}.")
