@@ -74,5 +74,7 @@ def test_smallest_detectable_difference_has_the_stated_power():
     t = d.mean(1) / (d.std(1, ddof=1) / np.sqrt(n))
     power = np.mean(np.abs(t) > sps.t.ppf(0.975, n - 1))
     assert power == pytest.approx(0.8, abs=0.012)
+    # two tasks (one degree of freedom): finite, and far larger
+    assert np.isfinite(smallest_detectable(sd, 2)) and smallest_detectable(sd, 2) > 5 * delta
     res = paired_test(np.zeros(n) + delta, np.zeros(n))
     assert res["detectable"] == 0.0 and res["p_perm"] == 2 / 256

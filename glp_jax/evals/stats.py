@@ -104,8 +104,9 @@ def smallest_detectable(sd: float, n: int, *, alpha: float = 0.05, power: float 
     df = n - 1
     crit = float(student_t.ppf(1 - alpha / 2, df))
 
-    def gap(nc):
-        return nct.sf(crit, df, nc) + nct.cdf(-crit, df, nc) - power
+    def gap(nc):  # the lower tail is negligible here; scipy returns nan for some tiny ones
+        lower = float(np.nan_to_num(nct.cdf(-crit, df, nc), nan=0.0))
+        return float(nct.sf(crit, df, nc)) + lower - power
 
     hi = 1.0
     while gap(hi) < 0:
