@@ -283,8 +283,9 @@ def test_per_dim_variance_names_the_massive_dimensions():
 
     rng = np.random.default_rng(1)
     real = rng.standard_normal((3000, 20)) + 0.5
-    real[:, 3] = (real[:, 3] - 0.5) * 40 + 0.5  # variance 1600x the others
-    real[:, 11] += 30  # |mean| 60x the others
+    real[:, 3] = (real[:, 3] - 0.5) * 40 + 0.5  # sd 40 against a median RMS of 1.12
+    real[:, 11] += 30  # |mean| 30.5
+    real[:, 5] += 8  # |mean| 8.5 and sd 1: 7.6x, not massive
     gen = real[rng.permutation(3000)[:2000]].copy()
     gen[:, 7] *= 3  # variance 9x
     gen[:, 3] *= 0.5  # the massive dimension under-dispersed 4x

@@ -196,7 +196,7 @@ def fd_table_markdown(result: dict) -> str:
     spans = [(x["method"], x["span_share"]) for x in result["rows"] if "span_share" in x]
     if any(v < 1 - 1e-6 for _, v in spans):
         lines += ["", "Share of held-out variance inside the span a GLP's velocity can reach "
-                  "(the rest is never shaped): " + ", ".join(f"{m} {v:.3f}" for m, v in spans)
+                  "(the rest is never shaped): " + "; ".join(f"{m}: {v:.3f}" for m, v in spans)
                   + "."]
     for k, d in (result.get("dropped_massive") or {}).items():
         if d:

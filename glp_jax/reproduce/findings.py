@@ -228,10 +228,10 @@ def finding_fd(table1: Mapping, robust: Mapping | None = None) -> Finding:
         if n == names[0] and any(v < 1 - 1e-6 for _, v in spans):
             notes.append("Held-out variance inside the span each GLP's velocity can reach "
                          "(d_model < d leaves the rest as starting noise): "
-                         + ", ".join(f"{m} {v:.3f}" for m, v in spans) + ".")
+                         + "; ".join(f"{m}: {v:.3f}" for m, v in spans) + ".")
         warn = next((r["fd_estimate"]["warning"] for r in t["rows"]
                      if (r.get("fd_estimate") or {}).get("warning")), None)
-        if warn:
+        if warn and not any(warn in x for x in notes):
             notes.append(f"{n}: {warn}.")
     notes.append("FD_inf: the bias-corrected FD (FD of nested row subsets extrapolated "
                  "linearly in 1/N to 1/N -> 0, Chong & Forsyth 2020); the raw FD of N rows is "
