@@ -184,3 +184,117 @@ def test_effective_batch_pads_little_and_ignores_device_count():
     assert 13 * 3904 - 50_000 < 13 * 64  # at most one 64-row granule per batch
     assert effective_batch(100, 64, 1) == 64 and effective_batch(4096, 4096, 4) == 4096
     assert effective_batch(50_000, 4096, 6) % 6 == 0
+
+
+# ----------------------------------------------------------- bias-corrected FD, diagnostics
+def test_glp_fd_has_bias_corrected_estimate_and_diagnostics(setup, tmp_path):
+    glp = glp_jax.load(setup / "run")
+    tr, va = stores_of_run(setup / "run")
+    res = evaluate_fd(glp, val_store=va, train_store=tr, n=200, steps=5, steps_list=(5,),
+                      seed=0, batch_size=64, out_dir=tmp_path, progress=False, plot=False)
+    est = res["fd_estimate"]
+    assert res["fd_inf"] == est["fd_inf"] and res["fd_inf_ci"] == [est["low"], est["high"]]
+    assert est["low"] <= res["fd_inf"] <= est["high"]
+    assert est["fd_raw"] == pytest.approx(res["fd"], rel=1e-9)  # the raw FD at all rows
+    assert len(est["replicates"]) == 5 and est["rows_x"][0] == 200 and est["rows_y"][0] == 80
+    low = res["fd_lower_bound_estimate"]
+    assert low["fd_raw"] == pytest.approx(res["fd_lower_bound"], rel=1e-9)
+    assert low["pairing"] == est["pairing"]  # scored against the same reference groups
+    span = res["diagnostics"]["span"]
+    assert span["rank"] == D and span["share_normalised"] == pytest.approx(1, abs=1e-6)
+    assert span["share_raw"] == pytest.approx(1, abs=1e-6)
+    per = res["diagnostics"]["per_dim"]
+    assert len(per["worst"]) == 5 and per["median_var_ratio"] > 0
+    md = (tmp_path / "fd.md").read_text()
+    assert "## Bias-corrected FD" in md and f"{res['fd_inf']:.4g} [" in md
+    assert "## Diagnostics" in md and "Reachable span" in md
+
+
+def test_identity_estimate_equals_the_lower_bound_estimate(setup):
+    tr, va = stores_of_run(setup / "run")
+    res = evaluate_fd(Identity(), val_store=va, train_store=tr, n=60, seed=1, progress=False)
+    assert res["fd_inf"] == res["fd_lower_bound_inf"]
+    assert res["fd_inf_ci"] == res["fd_lower_bound_inf_ci"]
+    assert "span" not in res["diagnostics"] and "per_dim" in res["diagnostics"]
+    off = evaluate_fd(Identity(), val_store=va, train_store=tr, n=60, seed=1, progress=False,
+                      replicates=0)
+    assert "fd_inf" not in off and off["fd"] == res["fd"]
+    with pytest.raises(ConfigError, match="replicates=0"):
+        evaluate_fd(Identity(), val_store=va, train_store=tr, n=12, seed=1, progress=False,
+                    replicates=6)
+
+
+def _glp(d, width, seed=0):
+    """A LoadedGLP of GLPConfig(d, width) whose only concrete weights are out_proj's (all
+    the span needs; PyTorch's init, U(+-1/sqrt(fan_in))): no eager init, so ~0.1 s."""
+    from flax import nnx
+
+    from glp_jax.api import LoadedGLP
+    from glp_jax.model import GLPConfig, Normalizer, abstract_glp
+
+    cfg = GLPConfig(d_input=d, n_layers=1, d_model=width, d_mlp=8).resolved()
+    rng = np.random.default_rng(seed)
+    model = abstract_glp(cfg)
+    bound = 1 / np.sqrt(width)
+    model.out_proj.kernel = nnx.Param(rng.uniform(-bound, bound, (width, d)).astype(np.float32))
+    norm = Normalizer.from_moments(rng.standard_normal(d), rng.uniform(0.5, 4.0, d))
+    return LoadedGLP(model, norm, cfg, [], "random")
+
+
+def test_reachable_span_share_full_rank_and_narrow():
+    from flax import nnx
+
+    from glp_jax.evals.fd import reachable_span
+
+    d = 12
+    rng = np.random.default_rng(0)
+    rows = (rng.standard_normal((400, d)) @ rng.standard_normal((d, d)) * 3 + 1)
+    full = reachable_span(_glp(d, 2 * d), rows)
+    assert full["rank"] == d
+    assert abs(full["share_normalised"] - 1) < 1e-6 and abs(full["share_raw"] - 1) < 1e-6
+
+    narrow = _glp(d, 5)
+    mean = np.asarray(narrow.normalizer.mean, np.float64)
+    std = np.asarray(narrow.normalizer.std, np.float64)
+    z = (rows - mean) / std
+    # a random narrow velocity: the closed-form share of an orthogonal projection
+    w = np.asarray(narrow.model.out_proj.kernel[...], np.float64)  # [5, d]
+    got = reachable_span(narrow, rows)
+    q = linalg.orth(w.T)  # [d, 5], orthonormal basis of the velocity's span
+    cz = np.cov(z, rowvar=False)
+    assert got["rank"] == 5
+    assert got["share_normalised"] == pytest.approx(np.trace(q.T @ cz @ q) / np.trace(cz),
+                                                    abs=1e-6)
+    qr = linalg.orth(std[:, None] * w.T)  # the same span in raw space: diag(std) W^T
+    cr = np.cov(rows, rowvar=False)
+    assert got["share_raw"] == pytest.approx(np.trace(qr.T @ cr @ qr) / np.trace(cr), abs=1e-6)
+    assert got["share_normalised"] < 0.9
+    # velocity along the first 5 axes: the share is those axes' share of the variance
+    narrow.model.out_proj.kernel = nnx.Param(np.eye(5, d, dtype=np.float32) * 0.7)
+    axes = reachable_span(narrow, rows)
+    assert axes["share_normalised"] == pytest.approx(z.var(0)[:5].sum() / z.var(0).sum(),
+                                                     abs=1e-6)
+    assert axes["share_raw"] == pytest.approx(rows.var(0)[:5].sum() / rows.var(0).sum(),
+                                              abs=1e-6)
+
+
+def test_per_dim_variance_names_the_massive_dimensions():
+    from glp_jax.evals.fd import per_dim_variance
+
+    rng = np.random.default_rng(1)
+    real = rng.standard_normal((3000, 20)) + 0.5
+    real[:, 3] = (real[:, 3] - 0.5) * 40 + 0.5  # sd 40 against a median RMS of 1.12
+    real[:, 11] += 30  # |mean| 30.5
+    real[:, 5] += 8  # |mean| 8.5 and sd 1: 7.6x, not massive
+    gen = real[rng.permutation(3000)[:2000]].copy()
+    gen[:, 7] *= 3  # variance 9x
+    gen[:, 3] *= 0.5  # the massive dimension under-dispersed 4x
+    res = per_dim_variance(gen, real)
+    ratio = gen.var(0, ddof=1) / real.var(0, ddof=1)
+    assert res["median_var_ratio"] == pytest.approx(np.median(ratio))
+    assert [w["dim"] for w in res["worst"][:2]] == [7, 3]
+    assert {m["dim"]: m["why"] for m in res["massive"]} == {3: ["variance"], 11: ["mean"]}
+    m3 = next(m for m in res["massive"] if m["dim"] == 3)
+    assert m3["var_ratio"] == pytest.approx(ratio[3]) and m3["var_real"] == pytest.approx(
+        real[:, 3].var(ddof=1))
+    assert res["share_within_2x"] == pytest.approx(18 / 20)

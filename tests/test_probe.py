@@ -22,13 +22,14 @@ from glp_jax.evals.features import (
     sae_method,
 )
 from glp_jax.evals.probe import (
-    bootstrap_ci,
+    N_BOOT,
     evaluate_probes,
     probe_1d,
     probe_1d_fast,
     probe_1d_sklearn,
     probe_run,
     rank_auc,
+    summarize,
 )
 from glp_jax.evals.probe_data import (
     ProbeTask,
@@ -176,15 +177,24 @@ def test_vectorised_1d_probe_equals_sklearn():
 def test_bootstrap_ci_is_reproducible_and_equals_numpy():
     from scipy.stats import bootstrap
 
+    from glp_jax.evals.stats import bootstrap_ci as stats_bootstrap_ci
+
+    def bootstrap_ci(v, seed=0):  # probing's settings (probe.summarize)
+        return stats_bootstrap_ci(v, seed=seed, n_resamples=N_BOOT)
+
     v = np.random.default_rng(2).uniform(0.6, 0.95, 17)
     lo, hi = bootstrap_ci(v, seed=5)
     assert (lo, hi) == bootstrap_ci(v, seed=5) and (lo, hi) != bootstrap_ci(v, seed=6)
+    assert (lo, hi) == (summarize(dict(enumerate(v)), seed=5)["ci_low"],
+                        summarize(dict(enumerate(v)), seed=5)["ci_high"])
     ref = bootstrap((v,), np.mean, n_resamples=10_000, method="percentile",
                     rng=np.random.default_rng(5)).confidence_interval
     assert (lo, hi) == (ref.low, ref.high)
     means = v[np.random.default_rng(5).integers(0, len(v), (10_000, len(v)))].mean(1)
     np.testing.assert_allclose([lo, hi], np.percentile(means, [2.5, 97.5]), rtol=1e-12)
-    assert bootstrap_ci([0.7]) == (None, None) and bootstrap_ci([0.7, 0.7]) == (0.7, 0.7)
+    one = summarize({"t": 0.7})
+    assert (one["ci_low"], one["ci_high"], one["t_low"]) == (None, None, None)
+    assert bootstrap_ci([0.7, 0.7]) == (0.7, 0.7)
 
 
 # -- GLP meta-neurons ---------------------------------------------------------------------------

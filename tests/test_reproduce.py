@@ -7,11 +7,11 @@ import math
 
 import numpy as np
 import pytest
-import scipy.linalg
+import scipy.stats
 
 from glp_jax.cli import main
 from glp_jax.errors import ConfigError, GLPError
-from glp_jax.evals.frechet import fd_bootstrap
+from glp_jax.evals.frechet import fd_estimates
 from glp_jax.reproduce import findings as F
 from glp_jax.reproduce.plan import load_plan
 
@@ -37,7 +37,7 @@ def tiny_plan(tmp, **over):
     items = {"root": tmp / "repro", "report_dir": tmp / "report", "train_rows": 3000,
              "val_rows": 800, "sweep_config": tmp / "sweep.yaml", "depths": "[1, 2]", "widths": "[16, 24]",
              "activations": 3200, "n_boot": 50, "sae_activations": 2048, "pca_k": 8,
-             "fd_samples": 600, "fd_steps": 5, "fd_steps_list": "[1, 5]", "fd_boot": 10,
+             "fd_samples": 600, "fd_steps": 5, "fd_steps_list": "[1, 5]", "fd_replicates": 3,
              "dlm_seqs": 4, "dlm_length": 16, "probe_tasks": 2, "probe_rows": 240,
              "probe_max_length": 32, "steer_prompts": 3, "steer_rs": "[0.4, 2.0]",
              "steer_direction_texts": 8, "utility_steer_prompts": 1, **over}
@@ -168,23 +168,46 @@ def test_pareto_area_equals_a_brute_force_grid_count():
     assert F.pareto_area([1.0], [1.0]) == 1.0 and F.pareto_area([0.0], [1.0]) == 0.0
 
 
-def test_fd_bootstrap_replicates_are_fds_of_resampled_rows():
+def _fd_row(method, est, depth=None):
+    row = {"method": method, "fd": est.fd_raw, "fd_inf": est.fd_inf, "fd_inf_ci": list(est.ci),
+           "fd_estimate": est.to_dict()}
+    return row if depth is None else {**row, "depth": depth}
+
+
+def test_fd_finding_pairs_replicates_of_the_bias_corrected_fd():
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((300, 5)) @ rng.standard_normal((5, 5))
-    y = rng.standard_normal((200, 5)) + 0.5
-    boot = fd_bootstrap(x, y, 3, seed=7)
-    ix = np.random.default_rng([7, 0]).integers(0, 300, 300)
-    iy = np.random.default_rng([7, 1]).integers(0, 200, 200)
-    xs, ys = x[ix], y[iy]
-    s1, s2 = np.cov(xs, rowvar=False), np.cov(ys, rowvar=False)
-    ref = (np.sum((xs.mean(0) - ys.mean(0)) ** 2) + np.trace(s1) + np.trace(s2)
-           - 2 * np.trace(scipy.linalg.sqrtm(s1 @ s2)).real)
-    assert boot[0] == pytest.approx(ref, rel=1e-8)
-    # the reference resamples are shared across calls with the same seed: paired replicates
-    other = fd_bootstrap(x + 0.1, y, 3, seed=7)
-    assert not np.allclose(boot, other)
-    assert F.boot_diff_ci(other, boot)[0] == pytest.approx(
-        np.percentile(other - boot, 2.5))
+    d = 6
+    y = rng.standard_normal((600, d))
+    xs = {"d1": rng.standard_normal((600, d)) * 1.3 + 0.4, "d2": rng.standard_normal((600, d)),
+          "sae": rng.standard_normal((600, d)) * 1.6}
+    est = fd_estimates(xs, y, seed=3)
+    lower = fd_estimates({"x": rng.standard_normal((600, d))}, y, seed=3)["x"]
+    table = {"rows": [_fd_row("SAE k=4", est["sae"]), _fd_row("GLP d1", est["d1"], 1),
+                      _fd_row("GLP d2", est["d2"], 2)], "n": 600,
+             "fd_lower_bound": lower.fd_raw, "fd_lower_bound_inf": lower.fd_inf,
+             "fd_lower_bound_inf_ci": list(lower.ci)}
+    parts, deciding = F.fd_parts(table)
+    # by hand: the t-interval of the replicate differences, centred on the FD_inf difference
+    diff = np.subtract(est["d2"].replicates, est["d1"].replicates)
+    half = scipy.stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / np.sqrt(len(diff))
+    centre = est["d2"].fd_inf - est["d1"].fd_inf
+    assert f"{centre:+.4g}, 95% CI {F.ci_text(centre - half, centre + half)}" in deciding[0]
+    assert parts["FD falls with size"] == F.side_of_zero(centre - half, centre + half,
+                                                         want="negative") == F.REPRODUCED
+    assert parts["the best GLP beats the SAE"] == F.REPRODUCED
+    f = F.finding_fd(table)
+    assert f.verdict == F.REPRODUCED
+    row = next(line for line in f.table if line.startswith("| GLP d2 |"))
+    assert f"{est['d2'].fd_inf:.4g} [" in row and f"| {est['d2'].fd_raw:.4g} |" in row
+    # another reference set breaks the pairing: the claim cannot be decided
+    other = fd_estimates({"x": xs["d2"]}, y[:500], seed=3)["x"]
+    table["rows"][2] = _fd_row("GLP d2", other, 2)
+    parts, deciding = F.fd_parts(table)
+    assert parts["FD falls with size"] == F.INCONCLUSIVE and "not paired" in deciding[0]
+    # a table written before FD_inf existed is stale, not silently judged on raw FDs
+    old = {"rows": [{"method": "GLP d1", "fd": 1.0, "depth": 1},
+                    {"method": "GLP d2", "fd": 0.5, "depth": 2}]}
+    assert F.fd_parts(old)[0] == {"FD falls with size": F.INCONCLUSIVE}
 
 
 def _scaling(switches, runs):
@@ -203,17 +226,32 @@ def test_genuine_switches_exclude_the_end_of_a_smaller_runs_range():
 
 
 def test_probe_finding_uses_paired_task_differences():
-    per = {"t1": 0.9, "t2": 0.8, "t3": 0.85}
-    lower = {k: v - 0.05 for k, v in per.items()}
-    higher = {k: v + 0.05 for k, v in per.items()}
+    rng = np.random.default_rng(0)
+    per = {f"t{i}": v for i, v in enumerate(rng.uniform(0.7, 0.9, 8))}
+    lower = {k: v - 0.05 - 0.01 * i for i, (k, v) in enumerate(per.items())}
+    higher = {k: v + 0.05 + 0.01 * i for i, (k, v) in enumerate(per.items())}
 
     def s(p):
         return {"mean": float(np.mean(list(p.values()))), "ci_low": 0.0, "ci_high": 1.0,
                 "per_task": p}
 
-    probe = {"methods": {"glp": {"kind": "glp"}, "raw": {"kind": "raw"}, "mlp": {"kind": "mlp"}},
-             "auc_1d": {"glp": s(per), "raw": s(lower), "mlp": s(higher)},
-             "tasks": [{}, {}, {}]}
+    probe = {"methods": {"glp": {"kind": "glp"}, "raw": {"kind": "raw"}, "mlp": {"kind": "mlp"},
+                         "sae": {"kind": "sae"}},
+             "auc_1d": {"glp": s(per), "raw": s(lower), "mlp": s(higher),
+                        "sae": s({k: v + (0.02 if i % 2 else -0.02) for i, (k, v)
+                                  in enumerate(per.items())})},
+             "tasks": [{}] * 8}
     f = F.finding_probe(probe)
     assert "GLP > raw: reproduced" in f.deciding and "GLP > MLP: not reproduced" in f.deciding
+    assert "GLP > SAE: inconclusive" in f.deciding  # differences of both signs
     assert f.verdict == F.NOT_REPRODUCED
+    d = np.subtract(list(per.values()), list(lower.values()))
+    t = scipy.stats.ttest_rel(list(per.values()), list(lower.values()))
+    assert f"GLP - raw = {d.mean():+.3f}" in f.deciding and f"paired t p = {t.pvalue:.2g}" \
+        in f.deciding
+    # 8 tasks, all differences positive: the exact sign-flip test's floor, 2 / 2^8
+    assert f"sign-flip p = {2 / 256:.2g}" in f.deciding
+    # three tasks: the sign-flip test cannot reach p < 0.05, so nothing is decided
+    few = {**probe, "auc_1d": {k: s(dict(list(v["per_task"].items())[:3]))
+                               for k, v in probe["auc_1d"].items()}, "tasks": [{}] * 3}
+    assert F.finding_probe(few).verdict == F.INCONCLUSIVE

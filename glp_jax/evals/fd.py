@@ -13,6 +13,18 @@ Sources. A LoadedGLP generates n samples per step count (the same seed, so the s
 starting noise, for every count); `fd` is the FD at `steps`. A Reconstructor (SAE, PCA,
 identity; evals/recon.py) is scored by FD(reconstruct(train reference), val reference);
 it has no steps axis, and the Identity reconstructor reproduces the lower bound exactly.
+
+Estimates. `fd` is the plug-in FD of all rows (the paper's number), biased upward by ~b/n.
+`fd_inf` is the bias-corrected FD (subsets extrapolated to 1/n -> 0) and `fd_inf_ci` its
+interval from `replicates` disjoint replicate sets (evals/frechet.py, "bias-corrected FD");
+`fd_estimate` holds the curve and the replicates, which pair with every other method's
+scored against the same reference rows and seed (frechet.paired_difference). The lower
+bound gets the same (`fd_lower_bound_inf`, ...).
+
+Diagnostics (`diagnostics`): the share of held-out variance inside the span the GLP's
+velocity can reach (`reachable_span`: 1.0 for d_model >= d; a narrow GLP never moves the
+rest, which stays starting noise), and per-dimension variance of generated vs real rows
+with the massive-activation dimensions named (`per_dim_variance`).
 """
 
 from __future__ import annotations
@@ -24,9 +36,19 @@ import numpy as np
 
 from glp_jax.data.store import ActivationStore
 from glp_jax.errors import ConfigError
-from glp_jax.evals.frechet import FDResult, frechet_gaussians, gaussian_fit
+from glp_jax.evals.frechet import (
+    REPLICATES,
+    FDResult,
+    fd_estimates,
+    frechet_gaussians,
+    gaussian_fit,
+)
 
 DEFAULT_STEPS_LIST = (1, 2, 4, 10, 20, 50, 100, 250, 1000)
+MASSIVE_RATIO = 10.0  # a dimension is "massive" when its real |mean| or sd is > this x the
+# median RMS magnitude sqrt(mean^2 + var) over dimensions: SmolLM2-135M layer 14 gives dims
+# 507 and 247 (|mean| ~75, 29x) by their mean and 308 (sd ~30, 11x) by its spread
+WORST_DIMS = 5  # dimensions listed by |log variance ratio|
 _SCAN_CHUNK = 1 << 22  # doc ids read per tensorstore call when scanning a store
 
 
@@ -125,15 +147,16 @@ def evaluate_fd(source, *, val_store, train_store, n: int = 50_000, steps: int =
                 steps_list=DEFAULT_STEPS_LIST, seed: int = 0, batch_size: int = 4096,
                 out_dir=None, progress: bool = True, layer: int | None = None, mesh=None,
                 check_sqrtm: bool = True, plot: bool = True, reference: str = "per-doc",
-                n_boot: int = 0, drop_massive: float | None = None) -> dict:
+                replicates: int = REPLICATES, drop_massive: float | None = None) -> dict:
     """FD of `source` against the val reference set, with the train-vs-val lower bound.
 
     source: a `glp_jax.api.LoadedGLP` (n samples at every count of steps_list plus `steps`)
     or a Reconstructor (scored on its reconstruction of the train reference rows).
     val_store / train_store: ActivationStore or path. layer: the LLM layer (stores with
     several layers, multi-layer GLPs). out_dir: writes fd.json, fd.md and fd_pca.png.
-    n_boot > 0: also `fd_boot` (FD of that many bootstrap resamples of the generated and the
-    reference rows, frechet.fd_bootstrap; paired across methods by `seed`) and `fd_ci`.
+    replicates >= 2: also the bias-corrected `fd_inf` with its interval `fd_inf_ci` from that
+    many disjoint replicate sets (`fd_estimate`: curve, replicates, pairing key; the same
+    for the lower bound); 0 skips them.
     drop_massive=k: leave out reference rows whose L2 norm exceeds k x the median norm of
     their set ("massive activations": SmolLM2 layer 14 has ~1 in 20,000 rows at 15-150x the
     median norm, and one such row in a few thousand dominates a Gaussian fit); the counts
@@ -181,8 +204,11 @@ def evaluate_fd(source, *, val_store, train_store, n: int = 50_000, steps: int =
                                             mesh=mesh, layer=layer, progress=progress)
             res: FDResult = frechet_gaussians(*gaussian_fit(gen), *val_fit, check=check_sqrtm)
             by_steps[s], sq_by[s], rates[s] = res.fd, res.to_dict(), stats
-            if n_boot and s == int(steps):
-                result.update(_bootstrap_fields(gen, val_ref, n_boot, seed))
+            if s == int(steps):
+                result.update(_estimate_fields(gen, train_ref, val_ref, replicates, seed))
+                result["diagnostics"] = {
+                    "span": reachable_span(source, val_ref, layer),
+                    "per_dim": per_dim_variance(gen, val_ref)}
             if plot and out_dir is not None:  # samples are iid: the first rows will do
                 panels[f"{s} step{'s' if s > 1 else ''}: FD {res.fd:.3g}"] = gen[:5000].copy()
             del gen
@@ -209,8 +235,8 @@ def evaluate_fd(source, *, val_store, train_store, n: int = 50_000, steps: int =
                               f"shape {recon.shape} for input {train_ref.shape}")
         res = frechet_gaussians(*gaussian_fit(recon), *val_fit, check=check_sqrtm)
         sqrtm["fd"] = res.to_dict()
-        if n_boot:
-            result.update(_bootstrap_fields(recon, val_ref, n_boot, seed))
+        result.update(_estimate_fields(recon, train_ref, val_ref, replicates, seed))
+        result["diagnostics"] = {"per_dim": per_dim_variance(recon, val_ref)}
         describe = source.describe() if hasattr(source, "describe") else {}
         result.update(fd=res.fd, fd_by_steps=None, steps=None, n_generated=int(len(recon)),
                       samples_per_s=len(recon) / max(dt, 1e-9),
@@ -249,14 +275,107 @@ def _drop_massive(rows: np.ndarray, info: dict, ratio: float) -> tuple[np.ndarra
                                             "median_norm": float(np.median(norms))}}
 
 
-def _bootstrap_fields(x_NxD: np.ndarray, ref_NxD: np.ndarray, n_boot: int, seed: int) -> dict:
-    from glp_jax.evals.frechet import fd_bootstrap
+def _estimate_fields(x_NxD: np.ndarray, train_ref: np.ndarray, val_ref: np.ndarray,
+                     replicates: int, seed: int) -> dict:
+    """fd_inf / fd_lower_bound_inf with intervals and estimates; {} when replicates == 0."""
+    if not replicates:
+        return {}
+    try:
+        est = fd_estimates({"fd": x_NxD, "lower": train_ref}, val_ref, replicates=replicates,
+                           seed=seed)
+    except ValueError as e:
+        raise ConfigError(f"bias-corrected FD: {e} (replicates={replicates}; pass "
+                          f"replicates=0 to skip it)") from None
+    out = {}
+    for key, name in (("fd", "fd"), ("lower", "fd_lower_bound")):
+        e = est[key]
+        out.update({f"{name}_inf": e.fd_inf, f"{name}_inf_ci": [e.low, e.high],
+                    f"{name}_estimate": e.to_dict()})
+    return out
 
-    boot = fd_bootstrap(x_NxD, ref_NxD, n_boot, seed=seed)
-    return {"fd_boot": boot.tolist(), "fd_ci": [float(np.percentile(boot, 2.5)),
-                                                float(np.percentile(boot, 97.5))],
-            "fd_boot_note": f"{n_boot} bootstrap resamples of generated and reference rows "
-                            f"(reference resamples shared across methods with seed {seed})"}
+
+# ----------------------------------------------------------------------------- diagnostics
+def _stat_row(stat, pos) -> np.ndarray:
+    a = np.asarray(stat, np.float64)
+    return a if a.ndim == 1 else a[0 if pos is None else int(pos)]
+
+
+def variance_share(x_NxD: np.ndarray, basis_RxD: np.ndarray) -> float:
+    """Share of the (centred) variance of x inside the span of the orthonormal rows of
+    basis: ||P (x - mean)||^2 / ||x - mean||^2."""
+    c = np.asarray(x_NxD, np.float64)
+    c = c - c.mean(0)
+    total = float(np.sum(c * c))
+    return float(np.sum((c @ basis_RxD.T) ** 2) / total) if total > 0 else float("nan")
+
+
+def velocity_basis(glp) -> np.ndarray:
+    """Orthonormal rows [r, d] spanning the directions the velocity can take in normalised
+    space: v = LN(h) @ W + b with out_proj's kernel W [d_model, d], so v - b lies in W's row
+    space, of rank r <= min(d_model, d) (GLP_SPEC.md section 2, "Rank")."""
+    w = np.asarray(glp.model.out_proj.kernel[...], np.float64)
+    _, s, vt = np.linalg.svd(w, full_matrices=False)
+    tol = s.max() * max(w.shape) * np.finfo(np.float32).eps  # the kernel is fp32 (or less)
+    return vt[s > tol]
+
+
+def reachable_span(glp, rows_NxD: np.ndarray, layer: int | None = None) -> dict:
+    """Share of held-out variance inside the span the GLP's sampler can move.
+
+    Euler sampling (and the on-manifold projection) adds sums of velocities to the starting
+    noise, so only directions in the velocity's span (velocity_basis) are shaped; the rest
+    stay noise plus a constant. `share_normalised`: of the rows' variance after the GLP's
+    normaliser (the space the model works in); `share_raw`: of the raw rows' variance inside
+    the same span mapped back (raw = std * z + mean, so the span becomes diag(std) W's row
+    space). Both are 1 for a full-rank GLP (d_model >= d); a narrow one leaves
+    1 - share unreachable."""
+    basis = velocity_basis(glp)
+    pos, _ = glp.layer_args(layer, 1)
+    mean, std = _stat_row(glp.normalizer.mean, pos), _stat_row(glp.normalizer.std, pos)
+    rows = np.asarray(rows_NxD, np.float64)
+    d = rows.shape[1]
+    raw_basis = np.linalg.qr((basis * std).T)[0].T if len(basis) else basis
+    return {"rank": int(len(basis)), "d_input": int(d),
+            "d_model": int(glp.model.out_proj.kernel.shape[0]),
+            "share_normalised": variance_share((rows - mean) / std, basis),
+            "share_raw": variance_share(rows, raw_basis), "rows": int(len(rows))}
+
+
+def per_dim_variance(gen_NxD: np.ndarray, real_MxD: np.ndarray, *,
+                     ratio: float = MASSIVE_RATIO, worst: int = WORST_DIMS) -> dict:
+    """Per-dimension variance of generated (or reconstructed) vs real rows (raw space):
+    the median ratio var_gen / var_real and its spread, the `worst` dimensions by
+    |log ratio|, and the massive-activation dimensions (real |mean| or sd > `ratio` x the
+    median RMS magnitude of a dimension: one scale in activation units for both, since the
+    median |mean| alone is near 0), each with both variances and means."""
+    g, r = np.asarray(gen_NxD, np.float64), np.asarray(real_MxD, np.float64)
+    vg, vr = g.var(0, ddof=1), r.var(0, ddof=1)
+    mg, mr = g.mean(0), r.mean(0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = vg / vr
+        dev = np.abs(np.log(q))
+    ok = np.isfinite(q)
+    dev = np.where(np.isfinite(dev), dev, np.inf)
+
+    def dim(j: int) -> dict:
+        return {"dim": int(j), "var_ratio": float(q[j]), "var_real": float(vr[j]),
+                "var_gen": float(vg[j]), "mean_real": float(mr[j]), "mean_gen": float(mg[j])}
+
+    scale = ratio * np.median(np.sqrt(mr ** 2 + vr))
+    big_var = np.sqrt(vr) > scale
+    big_mean = np.abs(mr) > scale
+    massive = []
+    for j in np.flatnonzero(big_var | big_mean):
+        why = [w for w, hit in (("variance", big_var[j]), ("mean", big_mean[j])) if hit]
+        massive.append({**dim(j), "why": why})
+    massive.sort(key=lambda m: -m["var_real"])
+    return {"median_var_ratio": float(np.median(q[ok])) if ok.any() else float("nan"),
+            "var_ratio_q10_q90": [float(v) for v in np.percentile(q[ok], [10, 90])]
+            if ok.any() else [float("nan")] * 2,
+            "share_within_2x": float(np.mean((q >= 0.5) & (q <= 2.0))),
+            "worst": [dim(j) for j in np.argsort(-dev, kind="stable")[:worst]],
+            "massive": massive, "massive_rule": f"real |mean| or sd > {ratio:g}x the median "
+                                                f"RMS of a dimension"}
 
 
 def _title(result: dict) -> str:
@@ -293,6 +412,71 @@ def fd_markdown(result: dict) -> str:
     sq = result["sqrtm"]
     lines.append(f"- tr sqrt(S1 S2): {', '.join(sq['method'])}; scipy sqrtm check agrees: "
                  f"{sq['all_agree']}")
+    lines += estimate_markdown(result)
+    lines += diagnostics_markdown(result.get("diagnostics") or {})
     if "plot" in result:
         lines += ["", f"![real vs generated, top-2 PCs]({result['plot']['file']})"]
     return "\n".join(lines) + "\n"
+
+
+def estimate_markdown(result: dict) -> list[str]:
+    """The bias-corrected FD of the source and the lower bound, beside the raw FDs."""
+    est = result.get("fd_estimate")
+    if not est:
+        return []
+    low = result["fd_lower_bound_estimate"]
+    name = (f"generated, {result['steps']} steps" if result["source"]["kind"] == "glp"
+            else "reconstructed")
+    conf = f"{100 * est['confidence']:g}%"
+    lines = ["", "## Bias-corrected FD", "",
+             f"| | FD_inf [{conf} CI] | raw FD (all rows) | estimated bias of the raw FD |",
+             "|---|---:|---:|---:|"]
+    for label, e in ((name, est), ("lower bound (train vs val)", low)):
+        lines.append(f"| {label} | {e['fd_inf']:.4g} [{e['low']:.4g}, {e['high']:.4g}] | "
+                     f"{e['fd_raw']:.4g} | {e['bias']:+.4g} |")
+    rows = np.asarray(est["replicate_rows"])
+
+    def span(a):
+        return f"{a.min():,}" if a.min() == a.max() else f"{a.min():,}-{a.max():,}"
+
+    lines += ["", f"FD_inf: FD of random subsets at fractions "
+              f"{', '.join(f'{f:.3g}' for f in est['fractions'])} of the rows, extrapolated "
+              f"linearly in 1/N to 1/N -> 0 (Chong & Forsyth 2020). Interval: t over "
+              f"{len(rows)} disjoint replicate sets ({span(rows[:, 0])} rows vs "
+              f"{span(rows[:, 1])} reference rows each), centred on FD_inf; paired with "
+              f"every method scored against the same reference rows and seed."]
+    for e in (est, low):
+        if e.get("warning"):
+            lines.append(f"Warning: {e['warning']}.")
+            break
+    return lines
+
+
+def diagnostics_markdown(diag: dict) -> list[str]:
+    """The reachable-span share and the per-dimension variance table."""
+    if not diag:
+        return []
+    lines = ["", "## Diagnostics", ""]
+    span = diag.get("span")
+    if span:
+        lines.append(f"- Reachable span: the velocity's directions have rank {span['rank']} "
+                     f"of d = {span['d_input']} (d_model {span['d_model']}); held-out "
+                     f"variance inside them: {span['share_normalised']:.4f} normalised, "
+                     f"{span['share_raw']:.4f} raw (1 = every direction can be shaped; the "
+                     f"rest stays starting noise).")
+    pd = diag.get("per_dim")
+    if pd:
+        q10, q90 = pd["var_ratio_q10_q90"]
+        lines += [f"- Per-dimension variance, generated / real: median "
+                  f"{pd['median_var_ratio']:.3g} (10-90%: {q10:.3g}-{q90:.3g}), "
+                  f"{100 * pd['share_within_2x']:.0f}% of dimensions within 2x. Massive "
+                  f"dimensions ({pd['massive_rule']}): "
+                  + (", ".join(str(m["dim"]) for m in pd["massive"]) or "none") + ".", "",
+                  "| dimension | listed as | real var | generated var | ratio | real mean | "
+                  "generated mean |", "|---:|---|---:|---:|---:|---:|---:|"]
+        listed = [(m, "massive (" + ", ".join(m["why"]) + ")") for m in pd["massive"]]
+        listed += [(w, "worst ratio") for w in pd["worst"]]
+        for m, why in listed:
+            lines.append(f"| {m['dim']} | {why} | {m['var_real']:.4g} | {m['var_gen']:.4g} | "
+                         f"{m['var_ratio']:.3g} | {m['mean_real']:.4g} | {m['mean_gen']:.4g} |")
+    return lines

@@ -30,7 +30,10 @@ the best val AUC wins; "concat" probes all blocks at once.
 
 Aggregation: mean test AUC over tasks with a 95% percentile bootstrap CI (10,000
 resamples) from scipy.stats.bootstrap with a fixed generator (default_rng(boot_seed));
-the original passed no random state, so its CIs were not reproducible.
+the original passed no random state, so its CIs were not reproducible. With few tasks
+(8-16) a percentile bootstrap under-covers, so a t-interval is given beside it (and shown
+in the Markdown); comparisons between methods belong to paired tests over tasks
+(evals/stats.paired_test, used by the reproduction's probing finding).
 """
 
 from __future__ import annotations
@@ -209,21 +212,19 @@ def dense_probe_features(feats, y_train, y_test, *, dense_glp: str = "per-block"
 
 # -- aggregation ----------------------------------------------------------------------------------
 
-def bootstrap_ci(values, *, n_resamples: int = N_BOOT, seed: int = BOOT_SEED,
-                 confidence: float = 0.95) -> tuple[float | None, float | None]:
-    """Percentile bootstrap CI of the mean over tasks (evals.stats.bootstrap_ci); (None,
-    None) with fewer than two tasks, where no interval means anything."""
-    if len(values) < 2:
-        return None, None
-    return stats.bootstrap_ci(values, seed=seed, confidence=confidence, n_resamples=n_resamples)
-
-
 def summarize(per_task: dict[str, float], *, n_resamples: int = N_BOOT,
               seed: int = BOOT_SEED) -> dict:
+    """Mean over tasks with two 95% intervals: `ci_low`/`ci_high`, the paper's percentile
+    bootstrap (stats.bootstrap_ci), and `t_low`/`t_high`, the t-interval (stats.t_interval),
+    which covers better with few tasks. Both None with fewer than two tasks."""
     vals = list(per_task.values())
-    lo, hi = bootstrap_ci(vals, n_resamples=n_resamples, seed=seed)
+    lo = hi = t_lo = t_hi = None
+    if len(vals) >= 2:
+        lo, hi = stats.bootstrap_ci(vals, seed=seed, n_resamples=n_resamples)
+        iv = stats.t_interval(vals)
+        t_lo, t_hi = iv["low"], iv["high"]
     return {"mean": float(np.mean(vals)) if vals else None, "ci_low": lo, "ci_high": hi,
-            "n_tasks": len(vals), "per_task": dict(per_task)}
+            "t_low": t_lo, "t_high": t_hi, "n_tasks": len(vals), "per_task": dict(per_task)}
 
 
 # -- the evaluation -------------------------------------------------------------------------------
@@ -309,7 +310,8 @@ def evaluate_probes(tasks, methods, *, lm=None, layer: int | None = None, k: int
 def _cell(s: dict | None) -> str:
     if not s or s.get("mean") is None:
         return "-"
-    ci = (f" [{s['ci_low']:.3f}, {s['ci_high']:.3f}]" if s.get("ci_low") is not None else "")
+    lo, hi = (s.get("t_low"), s.get("t_high")) if "t_low" in s else (s["ci_low"], s["ci_high"])
+    ci = f" [{lo:.3f}, {hi:.3f}]" if lo is not None else ""
     return f"{s['mean']:.3f}{ci}"
 
 
@@ -318,7 +320,7 @@ def probe_markdown(result: dict) -> str:
     st = result["settings"]
     n_tasks = len(result["tasks"])
     lines = [f"Table 4: probing AUC over {n_tasks} binary task{'s' * (n_tasks != 1)} ({st.get('model') or 'LLM'}"
-             f" layer {st.get('layer')}); mean test AUC [95% bootstrap CI]", "",
+             f" layer {st.get('layer')}); mean test AUC [95% t-interval over tasks]", "",
              "| method | 1-D AUC | dense AUC |", "|---|---|---|"]
     dense = result.get("auc_dense", {})
     for name, desc in result["methods"].items():
@@ -328,7 +330,9 @@ def probe_markdown(result: dict) -> str:
               f"standardised L2 logistic regression per feature (C by {st['folds']}-fold CV "
               f"AUC), best CV AUC wins ({st['impl']} implementation). Dense: all features"
               + (", GLP per block (best CV AUC)" if st.get("dense_glp") == "per-block" else "")
-              + f". CI: percentile bootstrap, {st['n_boot']} resamples, seed {st['boot_seed']}."]
+              + f". Intervals: t over tasks (the percentile bootstrap of the paper, "
+              f"{st['n_boot']} resamples, seed {st['boot_seed']}, is in probe.json as "
+              f"ci_low/ci_high; it under-covers with few tasks)."]
     for name, desc in result["methods"].items():
         if desc.get("kind") != "glp" or not result["winners"][name]:
             continue

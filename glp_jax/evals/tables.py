@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from glp_jax.errors import GLPError
+from glp_jax.evals.frechet import REPLICATES
 from glp_jax.rundir import EVALS_DIR, RUN_FILE, RunDir, write_results
 
 
@@ -94,10 +95,13 @@ def depth_trend(depths: list[int], values: list[float]) -> dict:
 def fd_table(paths, *, n: int, steps: int, steps_list, seed: int = 0, pca_k: int = 32,
              out_dir=None, progress: bool = True, batch_size: int = 4096,
              reference: str = "per-doc", train_store=None, val_store=None,
-             n_boot: int = 0, drop_massive: float | None = None, name: str = "table1") -> dict:
-    """n_boot > 0: every row also gets `fd_ci` and `fd_boot` (paired bootstrap resamples,
-    evaluate_fd), for intervals on FD differences between methods. drop_massive: see
-    evaluate_fd; `name` names the files written to `out_dir`."""
+             replicates: int = REPLICATES, drop_massive: float | None = None,
+             name: str = "table1") -> dict:
+    """Every row has the raw `fd` and, with replicates >= 2, the bias-corrected `fd_inf`,
+    `fd_inf_ci` and `fd_estimate` (evaluate_fd). Every method is scored against the same
+    reference rows and seed, so any two rows' replicates are paired
+    (frechet.paired_difference). drop_massive: see evaluate_fd; `name` names the files
+    written to `out_dir`."""
     from glp_jax.api import load
     from glp_jax.evals.fd import evaluate_fd
     from glp_jax.evals.recon import load_reconstructor
@@ -105,31 +109,33 @@ def fd_table(paths, *, n: int, steps: int, steps_list, seed: int = 0, pca_k: int
     glps, baselines = find_targets(paths)
     train_store, val_store = _stores(glps, baselines, train_store, val_store)
     common = dict(val_store=val_store, train_store=train_store, n=n, seed=seed,
-                  progress=progress, batch_size=batch_size, reference=reference, n_boot=n_boot,
-                  drop_massive=drop_massive)
-    rows, lower = [], None
+                  progress=progress, batch_size=batch_size, reference=reference,
+                  replicates=replicates, drop_massive=drop_massive)
+    rows, res = [], None
     for b in baselines:
         method = load_reconstructor(b, pca_k=pca_k)
         res = evaluate_fd(method, **common, out_dir=_own(b, name), plot=False)
-        lower = res["fd_lower_bound"]
         rows.append({"method": baseline_label(method), "path": str(b), "fd": res["fd"],
-                     **_boot_fields(res)})
+                     **_estimate_fields(res)})
     for r in sorted(glps, key=_depth):
         alone = out_dir is not None and len(glps) == 1
         own = Path(out_dir) if alone else _own(r, name)
         res = evaluate_fd(load(r), **common, steps=steps, steps_list=steps_list, out_dir=own)
-        lower = res["fd_lower_bound"]
         rows.append({"method": glp_label(r), "path": str(r), "depth": _depth(r), "fd": res["fd"],
                      "fd_by_steps": res["fd_by_steps"], "samples_per_s": res["samples_per_s"],
-                     **_boot_fields(res)})
+                     **_estimate_fields(res),
+                     "span_share": res["diagnostics"]["span"]["share_normalised"]})
         reference = res["reference"]
-    if lower is None:
+    if res is None:
         raise GLPError("nothing to evaluate")
     glp_rows = [x for x in rows if "depth" in x]
-    result = {"fd_lower_bound": lower, "rows": rows, "n": n, "steps": steps, "seed": seed,
+    result = {"fd_lower_bound": res["fd_lower_bound"],
+              **{k: res[k] for k in ("fd_lower_bound_inf", "fd_lower_bound_inf_ci",
+                                     "fd_lower_bound_estimate") if k in res},
+              "rows": rows, "n": n, "steps": steps, "seed": seed, "replicates": replicates,
               "train_store": str(train_store.url), "val_store": str(val_store.url),
               "fd_vs_depth": depth_trend([x["depth"] for x in glp_rows],
-                                         [x["fd"] for x in glp_rows]) if glp_rows else None}
+                                         [fd_value(x) for x in glp_rows]) if glp_rows else None}
     if glp_rows:
         result["reference"] = reference
     result["drop_massive"] = drop_massive
@@ -141,6 +147,11 @@ def fd_table(paths, *, n: int, steps: int, steps_list, seed: int = 0, pca_k: int
     return result
 
 
+def fd_value(row: dict) -> float:
+    """The FD a row is judged by: bias-corrected where estimated, else the raw FD."""
+    return row.get("fd_inf", row["fd"])
+
+
 def _own(path: Path, name: str) -> Path:
     """Where one target's own FD files go: <target>/evals, or <target>/evals/<name> for a
     variant table, so the protocol's files are never overwritten."""
@@ -148,23 +159,45 @@ def _own(path: Path, name: str) -> Path:
     return own if name == "table1" else own / name
 
 
-def _boot_fields(res: dict) -> dict:
-    return {k: res[k] for k in ("fd_ci", "fd_boot") if k in res}
+def _estimate_fields(res: dict) -> dict:
+    return {k: res[k] for k in ("fd_inf", "fd_inf_ci", "fd_estimate") if k in res}
 
 
 def fd_table_markdown(result: dict) -> str:
     steps_cols = sorted({int(s) for x in result["rows"] for s in (x.get("fd_by_steps") or {})})
-    head = "| method | FD |" + "".join(f" {s} steps |" for s in steps_cols)
+    est = "fd_lower_bound_inf" in result
+
+    def inf(x: dict, key: str = "fd_inf") -> str:
+        if not est:
+            return ""
+        if key not in x:
+            return " |"
+        lo, hi = x[f"{key}_ci"]
+        return f" {x[key]:.4g} [{lo:.4g}, {hi:.4g}] |"
+
+    head = ("| method |" + (" FD_inf [95% CI] |" if est else "") + " FD |"
+            + "".join(f" {s} steps |" for s in steps_cols))
     lines = [f"Table 1: Frechet distance to held-out activations ({result['n']:,} samples, "
              f"{result['steps']} Euler steps for `FD`; lower is better)", "", head,
-             "|---|---|" + "---|" * len(steps_cols),
-             f"| lower bound (train vs val) | {result['fd_lower_bound']:.4g} |" + " |" * len(steps_cols)]
+             "|---|---|" + "---|" * (len(steps_cols) + est),
+             "| lower bound (train vs val) |" + inf(result, "fd_lower_bound_inf")
+             + f" {result['fd_lower_bound']:.4g} |" + " |" * len(steps_cols)]
     for x in result["rows"]:
         by = x.get("fd_by_steps") or {}
         cells = "".join(f" {by[k]:.4g} |" if (k := _key(by, s)) is not None else " |"
                         for s in steps_cols)
-        ci = f" [{x['fd_ci'][0]:.4g}, {x['fd_ci'][1]:.4g}]" if x.get("fd_ci") else ""
-        lines.append(f"| {x['method']} | {x['fd']:.4g}{ci} |{cells}")
+        lines.append(f"| {x['method']} |{inf(x)} {x['fd']:.4g} |{cells}")
+    if est:
+        lines += ["", f"FD_inf: bias-corrected FD (FD of row subsets extrapolated linearly in "
+                  f"1/N to 1/N -> 0) with a 95% t-interval over {result['replicates']} "
+                  f"disjoint replicate sets; every method shares the reference groups, so "
+                  f"differences pair by replicate. FD: the raw FD of all rows, biased upward "
+                  f"by ~b/N."]
+    spans = [(x["method"], x["span_share"]) for x in result["rows"] if "span_share" in x]
+    if any(v < 1 - 1e-6 for _, v in spans):
+        lines += ["", "Share of held-out variance inside the span a GLP's velocity can reach "
+                  "(the rest is never shaped): " + "; ".join(f"{m}: {v:.3f}" for m, v in spans)
+                  + "."]
     for k, d in (result.get("dropped_massive") or {}).items():
         if d:
             lines += ["", f"{k} reference: {d['rows']} row(s) with norm > {d['ratio']:g} x the "
@@ -172,9 +205,11 @@ def fd_table_markdown(result: dict) -> str:
                       + ", ".join(f"{n:.4g}" for n in d["norms"])]
     trend = result.get("fd_vs_depth")
     if trend:
-        rho = f", Spearman rho(depth, FD) = {trend['spearman_rho']:.2f}" if "spearman_rho" in trend else ""
+        what = "FD_inf" if est else "FD"
+        rho = (f", Spearman rho(depth, {what}) = {trend['spearman_rho']:.2f}"
+               if "spearman_rho" in trend else "")
         word = "falls" if trend["monotone_decreasing"] else "does not fall monotonically"
-        lines += ["", f"FD {word} with depth{rho}."]
+        lines += ["", f"{what} {word} with depth{rho}."]
     return "\n".join(lines) + "\n"
 
 

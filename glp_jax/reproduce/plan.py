@@ -47,7 +47,7 @@ class ReproducePlan:
     fd_steps: int = 50
     fd_steps_list: list[int] = field(default_factory=lambda: [1, 5, 20, 50])
     fd_reference: str = "random"  # random | per-doc (the paper: one token per document)
-    fd_boot: int = 200
+    fd_replicates: int = 5  # disjoint replicate sets of the bias-corrected FD's interval
     # Table 1 again without reference rows > this x the median norm (massive activations);
     # null: only the paper's protocol
     fd_drop_massive: float | None = 10.0
@@ -85,6 +85,9 @@ class ReproducePlan:
                               f"{self.depths} (or be [] for the sweep config's widths)")
         if len(set(self.depths)) != len(self.depths):
             raise ConfigError(f"depths {self.depths} repeat")
+        if self.fd_replicates < 2:
+            raise ConfigError(f"fd_replicates must be >= 2 (the FD interval is a t-interval "
+                              f"over replicates), got {self.fd_replicates}")
         if self.fd_reference not in ("random", "per-doc"):
             raise ConfigError(f"fd_reference must be random or per-doc, got "
                               f"{self.fd_reference!r}")

@@ -6,8 +6,8 @@
     3. baselines on the same store: a TopK SAE trained by the same loop, PCA
     4. utility vs compute: 1-D probe AUC (and steer_score) of every kept checkpoint
     5. fits (loss law, downstream vs compute and vs loss) and their plots
-    6. Table 1 (FD with paired bootstrap resamples), Table 2 (delta LM loss), Table 4
-       (1-D and dense probing), steering (the spec's mean-norm scale and a DiffMean-relative one)
+    6. Table 1 (raw and bias-corrected FD, paired replicate intervals), Table 2 (delta LM
+       loss), Table 4 (1-D and dense probing), steering (the spec's mean-norm scale and a DiffMean-relative one)
     7. the report: <report_dir>/REPORT.md, its PNGs and findings.json
 Each part is skipped when its output exists, so a killed run resumes where it stopped;
 <root>/timings.json adds up the seconds every part really took over all invocations.
@@ -194,11 +194,11 @@ def table1(plan: ReproducePlan, targets, evals: Path, drop_massive: float | None
     left_out = ("" if drop_massive is None else
                 f", reference rows > {drop_massive:g}x the median norm left out")
     say(f"Table 1: FD of {plan.fd_samples:,} samples x {plan.fd_steps_list} Euler steps vs "
-        f"{plan.fd_samples:,} held-out rows ({plan.fd_reference}), {plan.fd_boot} bootstrap "
-        f"resamples{left_out}")
+        f"{plan.fd_samples:,} held-out rows ({plan.fd_reference}), bias-corrected with "
+        f"{plan.fd_replicates} disjoint replicates{left_out}")
     return fd_table(targets, n=plan.fd_samples, steps=plan.fd_steps,
                     steps_list=plan.fd_steps_list, seed=plan.seed, pca_k=plan.pca_k,
-                    out_dir=evals, reference=plan.fd_reference, n_boot=plan.fd_boot,
+                    out_dir=evals, reference=plan.fd_reference, replicates=plan.fd_replicates,
                     drop_massive=drop_massive,
                     name="table1" if drop_massive is None else ROBUST_TABLE1)
 
