@@ -755,6 +755,12 @@ def steer_run(run_dir, baselines: Sequence = (), *, rs: Sequence[float] = DEFAUL
                         n_direction=n_direction or DEFAULT_N_DIRECTION, seed=seed,
                         continuations=continuations)
     w, direction = diffmean_direction(lm, layer, texts.pos, texts.neg, progress=progress)
+    if calibration is not None and not math.isclose(calibration["unit"], direction["raw_norm"],
+                                                    rel_tol=1e-6):
+        raise GLPError(f"the calibration was measured with a DiffMean norm of "
+                       f"{calibration['unit']:.6g}, this direction's is "
+                       f"{direction['raw_norm']:.6g}: it belongs to other texts or another "
+                       f"layer; calibrate again")
     if act_norm is None:
         act_norm, norm_info = steering_scale(run_dir, layer, direction, norm)
     else:
@@ -773,10 +779,6 @@ def steer_run(run_dir, baselines: Sequence = (), *, rs: Sequence[float] = DEFAUL
                                              max_new_tokens=max_new_tokens,
                                              batch_size=batch_size, seed=seed,
                                              fluency_judge=judge, progress=progress)
-        elif not math.isclose(calibration["unit"], unit, rel_tol=1e-6):
-            raise GLPError(f"the calibration was measured with a DiffMean norm of "
-                           f"{calibration['unit']:.6g}, this direction's is {unit:.6g}: it "
-                           f"belongs to other texts or another layer; calibrate again")
         to_run = unit / act_norm  # DiffMean units -> this run's units
         rs = [round(r * to_run, 6) for r in calibrated_rs(calibration, rs)]
         score_range = [round(r * to_run, 6) for r in calibrated_rs(calibration, SCORE_R_RANGE)]
