@@ -463,7 +463,7 @@ def test_saturation_coefficient_and_the_calibrated_grid():
     assert saturation_coefficient(rs[::-1], c[::-1], baseline=0.2) == s  # order-free
     assert saturation_coefficient(rs, c, 0.2, saturation=1.0)["r_saturation"] == 8.0
     none = saturation_coefficient([1, 2], [0.1, 0.05], baseline=0.2)
-    assert none["gain"] < 0 and none["r_saturation"] == 1.0  # no effect: flagged by gain
+    assert none["gain"] < 0 and none["r_saturation"] == 2.0  # no effect: the grid's top
     with pytest.raises(GLPError, match="saturation"):
         saturation_coefficient(rs, c, 0.2, saturation=0.0)
     with pytest.raises(GLPError, match="search coefficients"):

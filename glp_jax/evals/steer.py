@@ -432,9 +432,9 @@ def evaluate_steering(lm, layer: int, direction_D, act_norm: float, prompts: Seq
 def saturation_coefficient(rs: Sequence[float], concept01: Sequence[float], baseline: float,
                            saturation: float = SATURATION) -> dict:
     """The smallest r whose concept01 reaches baseline + saturation x (the best concept01 -
-    baseline), over a search grid `rs` (sorted here). Without any gain over the baseline the
-    best r is returned with gain <= 0 (the direction does not steer: say so, don't trust
-    the range)."""
+    baseline), over a search grid `rs` (sorted here). Without any gain over the baseline
+    nothing saturates inside the grid: its largest r is returned with gain <= 0 (the
+    direction does not steer; reports say so)."""
     if not 0 < saturation <= 1:
         raise GLPError(f"saturation must be in (0, 1], got {saturation}")
     if len(rs) != len(concept01) or len(rs) < 2:
@@ -446,7 +446,7 @@ def saturation_coefficient(rs: Sequence[float], concept01: Sequence[float], base
     best = int(np.argmax(c))
     gain = float(c[best] - baseline)
     if gain <= 0:
-        i = best
+        i = len(r) - 1
     else:
         i = int(np.argmax(c >= baseline + saturation * gain))
     return {"r_saturation": float(r[i]), "concept01_at_saturation": float(c[i]),
@@ -549,11 +549,12 @@ def steer_markdown(result: dict) -> str:
     an = result["act_norm"]
     scales = result.get("scales", {})
     label = SCALE_LABELS.get(an.get("norm", "mean"), an.get("norm", "given"))
+    source = an.get("source", "given")
+    where = "" if source == label else f", {source}"
+    where += f", {an['rows']} rows" if "rows" in an else ""
     lines = [f"# On-manifold steering: {result['model']} layer {result['layer']}", "",
              f"{result['n_prompts']} prompts, {result['max_new_tokens']} new tokens (greedy), "
-             f"alpha = r x {an['value']:.4f} ({label}, "
-             f"{an.get('source', 'given')}{', ' + str(an['rows']) + ' rows' if 'rows' in an else ''}"
-             f"), LLM {result['llm_dtype']}."]
+             f"alpha = r x {an['value']:.4f} ({label}{where}), LLM {result['llm_dtype']}."]
     if scales:
         lines.append("Scales (every row states alpha in each): " + "; ".join(
             f"{SCALE_LABELS.get(k, k)} {v:.4g}" for k, v in scales.items()) + ".")
@@ -627,12 +628,12 @@ def summarize_steer(result: dict) -> str:
                   for m, v in result["steer_score"].items())
     t = result["timing"]
     cal = result.get("calibration")
-    scale = result["act_norm"].get("norm", "given")
+    scale = result["act_norm"].get("norm", "given") + " norm"
     if cal:
-        scale += f", calibrated: r_sat {_r(cal['r_saturation'])}"
+        scale += f" (calibrated, r_sat {_r(cal['r_saturation'])})"
     rs = [r for r in result["rs"] if r > 0] or result["rs"]
     return (f"steering ({result['model']} L{result['layer']}, {result['n_prompts']} prompts, "
-            f"r {_r(min(rs))}..{_r(max(rs))} x {scale} norm): steer_score {s} | "
+            f"r = 0 and {_r(min(rs))}..{_r(max(rs))} x {scale}): steer_score {s} | "
             f"{t['generation_seconds']:.0f} s, {t['tokens_per_s']:.0f} tok/s")
 
 
