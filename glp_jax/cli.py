@@ -465,6 +465,7 @@ def cmd_eval_steer(args) -> int:
     out = _eval_out(args)
     # only what the user set: the library owns the defaults
     extra = {k: v for k, v in (("norm", args.norm), ("saturation", args.saturation),
+                               ("fluency_floor", args.fluency_floor),
                                ("continuations", args.continuations)) if v is not None}
     if args.calibration_rs is not None:
         extra["calibration_rs"] = _floats(args.calibration_rs)
@@ -720,6 +721,9 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--saturation", type=float, default=None,
                      help="r_sat = the smallest r reaching this fraction of DiffMean's best "
                      "concept gain (default 0.9)")
+    est.add_argument("--fluency-floor", type=float, default=None,
+                     help="the search counts only r where DiffMean's fluency is >= this x the "
+                     "unsteered model's (default 0.5)")
     est.add_argument("--continuations", default=None,
                      help="real continuations of --prompts, one per prompt (the fluency "
                      "judge's anchor; default: held-out fortunes)")

@@ -462,6 +462,14 @@ def test_saturation_coefficient_and_the_calibrated_grid():
     assert s["gain"] == pytest.approx(0.32) and s["concept01_at_saturation"] == 0.5
     assert saturation_coefficient(rs[::-1], c[::-1], baseline=0.2) == s  # order-free
     assert saturation_coefficient(rs, c, 0.2, saturation=1.0)["r_saturation"] == 8.0
+    # a concept spike from broken text (fluency below the floor) is not counted
+    spike, flu = [0.2, 0.2, 0.3, 0.4, 0.9, 0.2], [0.9, 0.9, 0.9, 0.9, 0.3, 0.1]
+    assert saturation_coefficient(rs, spike, 0.2)["r_saturation"] == 8.0
+    floored = saturation_coefficient(rs, spike, 0.2, fluency01=flu, min_fluency01=0.45)
+    assert floored["r_saturation"] == 4.0 and floored["eligible"] == [0.5, 1, 2, 4]
+    assert floored["fluent_search"] and floored["gain"] == pytest.approx(0.2)
+    broken = saturation_coefficient(rs, spike, 0.2, fluency01=flu, min_fluency01=0.95)
+    assert not broken["fluent_search"] and broken["r_saturation"] == 8.0  # all counted
     none = saturation_coefficient([1, 2], [0.1, 0.05], baseline=0.2)
     assert none["gain"] < 0 and none["r_saturation"] == 2.0  # no effect: the grid's top
     with pytest.raises(GLPError, match="saturation"):

@@ -17,7 +17,11 @@ Protocol:
   the methods. Hence the CALIBRATED range (`calibrate_steering`, steer_run(calibrate=True)):
   in DiffMean units, DiffMean alone is run at a geometric search grid (CALIBRATION_RS,
   0.5..32) and the saturation coefficient r_sat is the smallest r whose concept01 reaches
-  the unsteered baseline + 90% of DiffMean's best gain over the grid; the steering grid is
+  the unsteered baseline + 90% of DiffMean's best gain over the grid, counting only the r
+  where DiffMean's fluency01 is still >= half the unsteered model's (VADER scores the
+  "please, please, please" of a broken continuation as positive: that is no saturated
+  concept; the grid's top when DiffMean gains nothing, flagged in the reports); the
+  steering grid is
   then the spec's grid rescaled so that its top (2.0) is r_sat (r_k = r_sat * r_spec_k /
   2.0), and steer_score's range [1.2, 2.0] maps the same way. So the grid runs from ~no
   effect (r_sat / 10) to a saturated concept. Every row also states alpha in the other
@@ -78,6 +82,7 @@ SCORE_R_RANGE = (1.2, 2.0)
 # the calibrated grid maps the spec grid's top CALIBRATED_TOP onto r_sat.
 CALIBRATION_RS = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0)
 SATURATION, CALIBRATED_TOP = 0.9, 2.0
+FLUENCY_FLOOR = 0.5  # the search counts only r where DiffMean's fluency01 >= this x unsteered
 DEFAULT_N_PROMPTS, DEFAULT_MAX_NEW_TOKENS, PROMPT_MAX_TOKENS = 32, 20, 64
 N_RESAMPLES, NORM_ROWS = 9999, 8192
 TASK_SIGN = {"positive": 1.0, "negative": -1.0}
@@ -430,11 +435,16 @@ def evaluate_steering(lm, layer: int, direction_D, act_norm: float, prompts: Seq
 # -- the calibrated coefficient range -------------------------------------------------------
 
 def saturation_coefficient(rs: Sequence[float], concept01: Sequence[float], baseline: float,
-                           saturation: float = SATURATION) -> dict:
+                           saturation: float = SATURATION, *,
+                           fluency01: Sequence[float] | None = None,
+                           min_fluency01: float | None = None) -> dict:
     """The smallest r whose concept01 reaches baseline + saturation x (the best concept01 -
-    baseline), over a search grid `rs` (sorted here). Without any gain over the baseline
-    nothing saturates inside the grid: its largest r is returned with gain <= 0 (the
-    direction does not steer; reports say so)."""
+    baseline), over a search grid `rs` (sorted here). With `fluency01` and `min_fluency01`
+    only the r whose fluency01 is at least that count (the "eligible" ones): a concept score
+    read off text that is no longer text (VADER rates "please, please, please" positive) is
+    not a saturated concept; if none is eligible, all are (`fluent_search` False). Without
+    any gain over the baseline nothing saturates inside the grid: its largest eligible r is
+    returned with gain <= 0 (the direction does not steer; reports say so)."""
     if not 0 < saturation <= 1:
         raise GLPError(f"saturation must be in (0, 1], got {saturation}")
     if len(rs) != len(concept01) or len(rs) < 2:
@@ -443,27 +453,35 @@ def saturation_coefficient(rs: Sequence[float], concept01: Sequence[float], base
     order = np.argsort(np.asarray(rs, np.float64), kind="stable")
     r = np.asarray(rs, np.float64)[order]
     c = np.asarray(concept01, np.float64)[order]
-    best = int(np.argmax(c))
+    ok = np.ones(len(r), bool)
+    if fluency01 is not None and min_fluency01 is not None:
+        ok = np.asarray(fluency01, np.float64)[order] >= min_fluency01
+    fluent = bool(ok.any())
+    cand = np.flatnonzero(ok) if fluent else np.arange(len(r))
+    best = int(cand[np.argmax(c[cand])])
     gain = float(c[best] - baseline)
     if gain <= 0:
-        i = len(r) - 1
+        i = int(cand[-1])
     else:
-        i = int(np.argmax(c >= baseline + saturation * gain))
+        i = int(cand[np.argmax(c[cand] >= baseline + saturation * gain)])
     return {"r_saturation": float(r[i]), "concept01_at_saturation": float(c[i]),
             "r_best": float(r[best]), "concept01_best": float(c[best]),
-            "baseline_concept01": float(baseline), "gain": gain, "saturation": saturation}
+            "baseline_concept01": float(baseline), "gain": gain, "saturation": saturation,
+            "min_fluency01": min_fluency01, "eligible": [float(x) for x in r[cand]],
+            "fluent_search": fluent}
 
 
 def calibrate_steering(lm, layer: int, direction_D, unit: float, prompts: Sequence[str], *,
                        search_rs: Sequence[float] = CALIBRATION_RS,
-                       saturation: float = SATURATION,
+                       saturation: float = SATURATION, fluency_floor: float = FLUENCY_FLOOR,
                        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, batch_size: int = 32,
                        seed: int = 0, continuations: Sequence[str] | None = None,
                        fluency_judge: FluencyJudge | None = None,
                        progress: bool = False) -> dict:
     """DiffMean alone at alpha = r x `unit` (the raw DiffMean norm) for r in `search_rs`, on
     the positive task: its concept01 (and the judge's fluency01) per r and the saturation
-    coefficient (saturation_coefficient). `calibrated_rs` turns it into a grid."""
+    coefficient (saturation_coefficient), counting only the r whose fluency01 is at least
+    `fluency_floor` x the unsteered model's. `calibrated_rs` turns it into a grid."""
     res = evaluate_steering(lm, layer, direction_D, unit, prompts, {"diffmean": None},
                             rs=search_rs, max_new_tokens=max_new_tokens,
                             batch_size=batch_size, seed=seed, progress=progress,
@@ -472,9 +490,11 @@ def calibrate_steering(lm, layer: int, direction_D, unit: float, prompts: Sequen
     rows = res["results"]["positive"]["diffmean"]
     base = res["unsteered"]["positive"]
     sat = saturation_coefficient([x["r"] for x in rows], [x["concept01"] for x in rows],
-                                 base["concept01"], saturation)
+                                 base["concept01"], saturation,
+                                 fluency01=[x["fluency01"] for x in rows],
+                                 min_fluency01=fluency_floor * base["fluency01"])
     return {"unit": float(unit), "unit_name": "diffmean", "n_prompts": res["n_prompts"],
-            "max_new_tokens": max_new_tokens, **sat,
+            "max_new_tokens": max_new_tokens, **sat, "fluency_floor": fluency_floor,
             "alpha_saturation": sat["r_saturation"] * float(unit),
             "calibrated_top": CALIBRATED_TOP,
             "baseline_fluency01": base["fluency01"],
@@ -527,16 +547,23 @@ def calibration_markdown(cal: Mapping, scales: Mapping[str, float] | None = None
              f"{cal['alpha_saturation']:.4g}), the smallest r whose concept01 reaches the "
              f"unsteered {cal['baseline_concept01']:.3f} + {100 * cal['saturation']:.0f}% of "
              f"the best gain ({cal['gain']:+.3f}, concept01 {cal['concept01_best']:.3f} at r = "
-             f"{_r(cal['r_best'])}). The steering grid is the spec's grid x r_sat / "
-             f"{cal['calibrated_top']:g}."]
+             f"{_r(cal['r_best'])}; only r where DiffMean's fluency01 >= "
+             f"{cal.get('fluency_floor', 0):g} x the unsteered "
+             f"{cal['baseline_fluency01']:.3f} count). The steering grid is the spec's grid x "
+             f"r_sat / {cal['calibrated_top']:g}."]
     if cal["gain"] <= 0:
         lines.append("WARNING: DiffMean never raised concept01 above the unsteered baseline "
                      "on the search grid: this range is not calibrated to anything.")
+    if not cal.get("fluent_search", True):
+        lines.append("WARNING: at every searched r DiffMean's fluency was below the floor; "
+                     "all were counted.")
     lines += ["", "| r (DiffMean norm) | alpha |" + extra + " concept01 | fluency01 | "
               "repetition |", "|---|---|" + "---|" * len(scales) + "---|---|---|"]
     for x in cal["search"]:
         cells = "".join(f" {_r(x['alpha'] / v)} |" for v in scales.values())
         mark = " (r_sat)" if x["r"] == cal["r_saturation"] else ""
+        if x["r"] not in cal.get("eligible", [x["r"]]):
+            mark += " (fluency below the floor: not counted)"
         lines.append(f"| {_r(x['r'])}{mark} | {x['alpha']:.4g} |{cells} {x['concept01']:.3f} | "
                      f"{x['fluency01']:.3f} | {x['repetition']:.3f} |")
     return lines
@@ -721,8 +748,8 @@ def steer_run(run_dir, baselines: Sequence = (), *, rs: Sequence[float] = DEFAUL
               write: bool = True, norm: str = "mean", name: str = RESULT_NAME,
               calibrate: bool = False, calibration: Mapping | None = None,
               calibration_rs: Sequence[float] = CALIBRATION_RS,
-              saturation: float = SATURATION, continuations=None,
-              zero_arm: bool = True) -> dict:
+              saturation: float = SATURATION, fluency_floor: float = FLUENCY_FLOOR,
+              continuations=None, zero_arm: bool = True) -> dict:
     """Sentiment steering with a trained GLP run (methods `diffmean`, `glp`) and baselines
     (SAE runs / PCA folders: a reconstruction after the addition, named by their kind).
 
@@ -777,6 +804,7 @@ def steer_run(run_dir, baselines: Sequence = (), *, rs: Sequence[float] = DEFAUL
         if calibration is None:
             calibration = calibrate_steering(lm, layer, w, unit, texts.prompts,
                                              search_rs=calibration_rs, saturation=saturation,
+                                             fluency_floor=fluency_floor,
                                              max_new_tokens=max_new_tokens,
                                              batch_size=batch_size, seed=seed,
                                              fluency_judge=judge, progress=progress)

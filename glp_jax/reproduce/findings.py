@@ -420,9 +420,10 @@ def finding_steering(steers: Mapping[str, Mapping], *, primary: str | None = Non
                         f"{cal['r_saturation']:.3g} is the smallest r whose concept01 reaches "
                         f"the unsteered {cal['baseline_concept01']:.3f} + "
                         f"{100 * cal['saturation']:.0f}% of its best gain "
-                        f"({cal['gain']:+.3f}); the grid is the spec's grid x r_sat / "
-                        f"{cal['calibrated_top']:g}. The spec's mean-norm scale is shown beside "
-                        f"it.")
+                        f"({cal['gain']:+.3f}), counting only r where its fluency01 is >= "
+                        f"{cal.get('fluency_floor', 0):g} x the unsteered model's; the grid is "
+                        f"the spec's grid x r_sat / {cal['calibrated_top']:g}. The spec's "
+                        f"mean-norm scale is shown beside it.")
         if cal["gain"] <= 0:
             notes.insert(1, "DiffMean never raised concept01 above the unsteered baseline on "
                             "the search grid: the calibrated range is not anchored to a "

@@ -79,7 +79,8 @@ class ReproducePlan:
     # diffmean with steer_calibrate = the calibrated scale that decides finding 5
     # The calibrated range (evals/steer.py calibrate_steering): DiffMean alone at r x
     # ||DiffMean|| for r in steer_calibration_rs; r_sat = the smallest r reaching the unsteered
-    # concept01 + steer_saturation x the best gain; the diffmean steering grid is then
+    # concept01 + steer_saturation x the best gain (among r where DiffMean's fluency01 >=
+    # steer_fluency_floor x the unsteered model's); the diffmean steering grid is then
     # steer_rs x r_sat / 2.0 (and the utility steer_score's r in [1.2, 2.0] likewise).
     # false: the diffmean variant runs r = steer_rs x ||DiffMean||, and the spec's mean-norm
     # scale decides finding 5.
@@ -87,6 +88,8 @@ class ReproducePlan:
     steer_calibration_rs: list[float] = field(default_factory=lambda: _steer_default(
         "CALIBRATION_RS"))
     steer_saturation: float = field(default_factory=lambda: _steer_default("SATURATION"))
+    # only r where DiffMean's fluency01 >= this x the unsteered model's count in the search
+    steer_fluency_floor: float = field(default_factory=lambda: _steer_default("FLUENCY_FLOOR"))
     seed: int = 0
 
     def __post_init__(self):
@@ -112,6 +115,9 @@ class ReproducePlan:
                               f"{self.utility_steer_norm!r}")
         if not 0 < self.steer_saturation <= 1:
             raise ConfigError(f"steer_saturation must be in (0, 1], got {self.steer_saturation}")
+        if not 0 <= self.steer_fluency_floor <= 1:
+            raise ConfigError(f"steer_fluency_floor must be in [0, 1], got "
+                              f"{self.steer_fluency_floor}")
         if len(self.steer_calibration_rs) < 2 or min(self.steer_calibration_rs) <= 0:
             raise ConfigError(f"steer_calibration_rs must hold >= 2 positive coefficients, got "
                               f"{self.steer_calibration_rs}")

@@ -261,7 +261,8 @@ def steer_calibration(plan: ReproducePlan, evals: Path, ctx: EvalContext) -> dic
     w, direction = diffmean_direction(ctx.lm, ctx.layer, texts.pos, texts.neg)
     cal = calibrate_steering(ctx.lm, ctx.layer, w, direction["raw_norm"], texts.prompts,
                              search_rs=plan.steer_calibration_rs,
-                             saturation=plan.steer_saturation, seed=plan.seed,
+                             saturation=plan.steer_saturation,
+                             fluency_floor=plan.steer_fluency_floor, seed=plan.seed,
                              continuations=texts.continuations)
     cal["used_by"] = [f"steer_diffmean (finding 5's verdict): r in "
                       f"{calibrated_grid(plan, cal)} x ||DiffMean||"]
