@@ -469,11 +469,22 @@ def cmd_eval_steer(args) -> int:
     from glp_jax.evals.steer import steer_run, summarize_steer
 
     out = _eval_out(args)
-    res = steer_run(args.targets[0], baselines=args.targets[1:], rs=_floats(args.rs),
+    # only what the user set: the library owns the defaults
+    extra = {k: v for k, v in (("norm", args.norm), ("saturation", args.saturation),
+                               ("fluency_floor", args.fluency_floor),
+                               ("continuations", args.continuations)) if v is not None}
+    if args.calibration_rs is not None:
+        extra["calibration_rs"] = _floats(args.calibration_rs)
+    if args.rs is not None:
+        extra["rs"] = _floats(args.rs)
+    if args.calibrate:
+        extra.setdefault("norm", "diffmean")
+    res = steer_run(args.targets[0], baselines=args.targets[1:],
                     n_prompts=args.n_prompts, max_new_tokens=args.max_new_tokens,
                     sigma0=args.sigma0, steps=args.proj_steps, convention=args.convention,
                     seed=args.seed, pos=args.pos, neg=args.neg, prompts=args.prompts,
-                    out_dir=out, progress=not args.quiet)
+                    out_dir=out, progress=not args.quiet, calibrate=args.calibrate,
+                    negative=args.negative, **extra)
     print(summarize_steer(res) + f" -> {out / 'steer.md'}")
     return 0
 
@@ -705,8 +716,27 @@ def build_parser() -> argparse.ArgumentParser:
     epr.add_argument("--pca-k", type=int, default=32)
     epr.add_argument("--no-dense", action="store_true", help="skip the dense probes")
     epr.set_defaults(fn=cmd_eval_probe)
-    est.add_argument("--rs", default="0.2,0.4,0.6,0.8,1.0,1.2,1.4,1.6,1.8,2.0",
-                     help="coefficients relative to the mean activation norm")
+    est.add_argument("--rs", default=None,
+                     help="coefficients, r x the --norm unit (default 0.2,0.4,...,2.0); with "
+                     "--calibrate the grid's shape, its 2.0 landing on DiffMean's saturation")
+    est.add_argument("--norm", default=None, choices=["mean", "centred", "diffmean"],
+                     help="unit of r: mean activation norm (the spec; default), centred "
+                     "norm, or the DiffMean vector's norm (default with --calibrate)")
+    est.add_argument("--calibrate", action="store_true",
+                     help="choose the r range per model: search DiffMean's concept "
+                     "saturation (evals/steer.py calibrate_steering) and rescale --rs onto it")
+    est.add_argument("--calibration-rs", default=None,
+                     help="the search grid, in DiffMean norms (default 0.5,1,...,32)")
+    est.add_argument("--saturation", type=float, default=None,
+                     help="r_sat = the smallest r reaching this fraction of DiffMean's best "
+                     "concept gain (default 0.9)")
+    est.add_argument("--fluency-floor", type=float, default=None,
+                     help="the search counts only r where DiffMean's fluency is >= this x the "
+                     "unsteered model's (default 0.5)")
+    est.add_argument("--continuations", default=None,
+                     help="real continuations of --prompts, one per prompt (the fluency "
+                     "judge's anchor; default: held-out fortunes)")
+    est.add_argument("--negative", action="store_true", help="also the negative task")
     est.add_argument("--n-prompts", type=positive_int, default=100)
     est.add_argument("--max-new-tokens", type=int, default=20)
     est.add_argument("--sigma0", type=float, default=0.5)

@@ -144,10 +144,13 @@ def run_demo() -> int:
                        max_length=PROBE_MAX_LENGTH, out_dir=evals_dir)
     timings["probe"] = time.perf_counter() - t
     t = time.perf_counter()
-    print(f"[demo] steering: {STEER_PROMPTS} neutral fortune prompts x r in {STEER_RS} x "
-          f"20 tokens (the paper: 100 prompts x r in 0.2..2.0), diffmean / GLP / SAE")
+    print(f"[demo] steering: {STEER_PROMPTS} neutral fortune prompts x 20 tokens, r = 0 and "
+          f"r in {STEER_RS} rescaled so 2.0 = DiffMean's concept saturation (calibrated, in "
+          f"DiffMean norms; each row also in mean-norm units; the paper: 100 prompts x r in "
+          f"0.2..2.0 x the mean norm), diffmean / GLP / SAE")
     steer = steer_run(best.path, baselines=[baselines["sae"]], rs=STEER_RS,
-                      n_prompts=STEER_PROMPTS, n_direction=64, lm=lm, out_dir=evals_dir)
+                      n_prompts=STEER_PROMPTS, n_direction=64, lm=lm, out_dir=evals_dir,
+                      norm="diffmean", calibrate=True)
     timings["steer"] = time.perf_counter() - t
 
     for md in (results_markdown(result), fd_table_markdown(table1), delta_lm_markdown(table2),

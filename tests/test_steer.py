@@ -1,7 +1,9 @@
 """On-manifold steering on the real SmolLM2 (layer 14), few prompts and few tokens: the edit
 touches exactly the last position of each forward, r = 0 is free, batching with left padding
 changes nothing, and the direction, fluency NLL, concept score and CIs equal independent
-computations."""
+computations; the fluency judge ranks real text > shuffled words > repeated tokens > random
+tokens on held-out fortunes; every method has an r = 0 arm; the calibrated range and the
+steering finding decide on it."""
 
 import json
 
@@ -9,16 +11,28 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from scipy.stats import bootstrap
+from scipy.stats import bootstrap, spearmanr
 
 from glp_jax.errors import GLPError
+from glp_jax.evals.fluency import (
+    FluencyJudge,
+    continuation_ids,
+    fluency_scores,
+    fortune_reference_pairs,
+    random_continuations,
+    repeated_ngram_fraction,
+)
 from glp_jax.evals.steer import (
+    CALIBRATED_TOP,
     DEFAULT_RS,
+    SCORE_R_RANGE,
     bootstrap_ci,
+    calibrated_rs,
     concept_scores,
     diffmean_direction,
     evaluate_steering,
     mean_activation_norm,
+    saturation_coefficient,
     steer_run,
 )
 from glp_jax.evals.steer_data import read_texts, steer_texts, vader_compound
@@ -30,12 +44,15 @@ from glp_jax.llm.generate import (
     left_pad,
 )
 from glp_jax.llm.last_token import last_token_activations
+from glp_jax.reproduce import findings
 
 LAYER, NEW = 14, 6
 PROMPTS = ["The weather report for tomorrow says that", "I opened the door and",
            "Q: What is the capital of France? A:"]  # unequal lengths: left padding matters
 POS = ["What a wonderful, happy day!", "I love this, it is great.", "Such a joy to see you."]
 NEG = ["This is awful and sad.", "I hate it, terrible.", "What a horrible, painful loss."]
+REAL = [" rain, with a chance of sun in the afternoon.", " saw my neighbour on the steps.",
+        " Paris."]  # real continuations of PROMPTS: the fluency judge's anchor
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -178,12 +195,21 @@ def test_default_texts_are_disjoint_neutral_and_user_files_are_read(tmp_path):
     assert all(len(p.split()) == 10 for p in t.prompts)
     assert not set(t.prompts) & (set(t.pos) | set(t.neg))
     assert steer_texts(n_prompts=5, n_direction=20).prompts == t.prompts  # seeded
+    # each prompt's real continuation is the rest of its fortune
+    assert len(t.continuations) == 5 and all(c.startswith(" ") and len(c.split()) >= 4
+                                             for c in t.continuations)
     (tmp_path / "p.txt").write_text("good\n\n great \n")
     (tmp_path / "n.jsonl").write_text('{"text": "bad"}\n{"text": "awful", "label": 0}\n')
     assert read_texts(tmp_path / "p.txt") == ["good", "great"]
     u = steer_texts(str(tmp_path / "p.txt"), tmp_path / "n.jsonl", n_prompts=2,
                     n_direction=5)
     assert u.pos == ["good", "great"] and u.neg == ["bad", "awful"] and len(u.prompts) == 2
+    with pytest.raises(GLPError, match="one real continuation per prompt"):
+        steer_texts(["good"], ["bad"], prompts=["a b", "c d"], continuations=["e"],
+                    n_prompts=2)
+    v = steer_texts(["good"], ["bad"], prompts=["a b", "c d"], continuations=["e", " f"],
+                    n_prompts=1)
+    assert v.prompts == ["a b"] and v.continuations == [" e"]
     with pytest.raises(GLPError, match="both"):
         steer_texts(["x"], None, n_prompts=2)
     with pytest.raises(GLPError, match="not found"):
@@ -211,11 +237,14 @@ def test_evaluate_steering_with_a_glp_is_seeded_and_scored(smollm2, w):
         p_pos.append(len(texts))
         return np.full(len(texts), 0.75)
 
+    judge = FluencyJudge(real_nll=4.0, random_nll=15.0)  # given anchors: no reference pass
+
     def run():
         return evaluate_steering(
             smollm2, LAYER, w, 3.0, PROMPTS[:2],
             {"diffmean": None, "glp": GLPProjection(glp, seed=1)}, rs=(0.0, 2.0),
-            negative=True, max_new_tokens=4, batch_size=8, classifier=clf, progress=False)
+            negative=True, max_new_tokens=4, batch_size=8, classifier=clf, progress=False,
+            fluency_judge=judge, scales={"other": 6.0})
 
     a, b = run(), run()
     for x in (a, b):
@@ -227,10 +256,19 @@ def test_evaluate_steering_with_a_glp_is_seeded_and_scored(smollm2, w):
     assert [r["r"] for r in rows] == [0.0, 2.0]
     assert rows[1]["alpha"] == pytest.approx(6.0) and \
         a["results"]["negative"]["glp"][1]["alpha"] == pytest.approx(-6.0)
-    # r = 0 diffmean is the unsteered generation: same concept and NLL, fluency01 = 1
+    # r = 0 diffmean is the unsteered generation: same concept, NLL and fluency
     u = a["unsteered"]["positive"]
     assert rows[0]["concept"] == u["concept"] and rows[0]["fluency_nll"] == u["fluency_nll"]
-    assert rows[0]["fluency01"] == 1.0
+    assert rows[0]["fluency01"] == u["fluency01"] and rows[0]["fluency"] == u["fluency"]
+    # the glp r = 0 arm: the projection alone, alpha 0, scored like every other row
+    g0 = a["results"]["positive"]["glp"][0]
+    assert g0["r"] == 0.0 and g0["alpha"] == 0.0 and 0.0 <= g0["fluency01"] <= 1.0
+    assert rows[1]["r_by_scale"] == {"other": pytest.approx(1.0)}  # alpha 6 / unit 6
+    # per-generation fluency is the judge's map of its NLL and repetition
+    for gen in a["generations"]:
+        assert gen["fluency"] == pytest.approx(fluency_scores(
+            [gen["nll"]], [gen["repetition"]], real_nll=4.0, random_nll=15.0)[0], abs=1e-12)
+    assert a["fluency_judge"]["real_nll"] == 4.0 and a["schema"] == 2
     for task in a["tasks"]:
         for m, s in a["steer_score_by_task"][task].items():
             rr = a["results"][task][m]
@@ -276,10 +314,12 @@ def test_steer_run_writes_reports_with_the_val_store_norm(smollm2, tmp_path):
     (tmp_path / "pos.txt").write_text("\n".join(POS))
     (tmp_path / "neg.txt").write_text("\n".join(NEG))
     (tmp_path / "prompts.jsonl").write_text("\n".join(json.dumps({"text": p}) for p in PROMPTS))
+    (tmp_path / "real.txt").write_text("\n".join(REAL))
+    texts = dict(pos=tmp_path / "pos.txt", neg=tmp_path / "neg.txt",
+                 prompts=tmp_path / "prompts.jsonl", continuations=tmp_path / "real.txt")
     out = tmp_path / "out"
-    r = steer_run(run, rs=(0.4, 1.2), n_prompts=2, max_new_tokens=3, seed=4,
-                  pos=tmp_path / "pos.txt", neg=tmp_path / "neg.txt",
-                  prompts=tmp_path / "prompts.jsonl", out_dir=out, lm=smollm2, progress=False)
+    r = steer_run(run, rs=(0.4, 1.2), n_prompts=2, max_new_tokens=3, seed=4, **texts,
+                  out_dir=out, lm=smollm2, progress=False)
     assert r["prompts"] == PROMPTS[:2] and r["act_norm"]["value"] == pytest.approx(norm)
     assert set(r["steer_score"]) == {"diffmean", "glp"} and r["step"] == 2
     assert r["methods"]["glp"]["step"] == 2 and r["direction"]["n_pos"] == 3
@@ -294,11 +334,51 @@ def test_steer_run_writes_reports_with_the_val_store_norm(smollm2, tmp_path):
     rel = steer_run(run, rs=(1.0,), n_prompts=1, max_new_tokens=2, seed=4,
                     pos=tmp_path / "pos.txt", neg=tmp_path / "neg.txt",
                     prompts=tmp_path / "prompts.jsonl", out_dir=out, lm=smollm2,
-                    progress=False, norm="diffmean", name="steer_rel", methods=("diffmean",))
+                    progress=False, norm="diffmean", name="steer_rel", methods=("diffmean",),
+                    zero_arm=False, continuations=tmp_path / "real.txt")
     assert rel["act_norm"]["value"] == rel["direction"]["raw_norm"]
     assert rel["results"]["positive"]["diffmean"][0]["alpha"] == pytest.approx(
         rel["direction"]["raw_norm"])
     assert (out / "steer_rel.json").is_file() and (out / "steer_rel_pareto.png").is_file()
+    # every method has an r = 0 arm; every row states alpha on both scales
+    for m in ("diffmean", "glp"):
+        rows = r["results"]["positive"][m]
+        assert [x["r"] for x in rows] == [0.0, 0.4, 1.2] and rows[0]["alpha"] == 0.0
+    assert r["fluency_judge"]["source"] == "the real continuations of the 2 prompts"
+    assert r["scales"] == {"mean": pytest.approx(norm),
+                           "diffmean": pytest.approx(r["direction"]["raw_norm"])}
+    x = r["results"]["positive"]["glp"][2]
+    assert x["r_by_scale"]["diffmean"] == pytest.approx(x["alpha"] / r["direction"]["raw_norm"])
+    assert x["r_by_scale"]["mean"] == pytest.approx(1.2)
+    assert "| r (diffmean) |" in md and "projection/reconstruction ALONE" in md
+    # the calibrated range: DiffMean's saturation on a 3-point search, the grid rescaled
+    cal = steer_run(run, rs=(1.0, 2.0), n_prompts=2, max_new_tokens=2, seed=4, **texts,
+                    out_dir=out, lm=smollm2, progress=False, norm="diffmean", calibrate=True,
+                    calibration_rs=(1.0, 16.0), name="steer_cal")
+    c = cal["calibration"]
+    assert [s["r"] for s in c["search"]] == [1.0, 16.0] and c["r_saturation"] in (1, 16)
+    assert c["unit"] == cal["act_norm"]["value"] == cal["direction"]["raw_norm"]
+    k = c["r_saturation"] / CALIBRATED_TOP
+    assert [x["r"] for x in cal["results"]["positive"]["glp"]] == pytest.approx([0, k, 2 * k])
+    assert cal["steer_score_r_range"] == pytest.approx([1.2 * k, 2 * k])
+    assert cal["steer_score"]["glp"] == cal["results"]["positive"]["glp"][2]["combined01"]
+    assert "Calibrated range" in (out / "steer_cal.md").read_text()
+    for m in ("diffmean", "glp"):  # the finding recomputes the rows from the generations
+        c01, f01 = findings.steering_points(cal, m)
+        rows = cal["results"]["positive"][m]
+        assert c01 == pytest.approx([x["concept01"] for x in rows], abs=1e-12)
+        assert f01 == pytest.approx([x["fluency01"] for x in rows], abs=1e-12)
+    with pytest.raises(GLPError, match="calibrate again"):
+        steer_run(run, n_prompts=2, max_new_tokens=2, **texts, lm=smollm2, progress=False,
+                  calibrate=True, calibration={**c, "unit": 1.0}, write=False)
+    # finding 5 decides on the calibrated scale, the spec's mean norm beside it
+    f = findings.finding_steering({"mean": r, "diffmean": cal})
+    _, lo, hi = findings.pareto_diff_ci(cal, "glp", "diffmean")
+    assert f.verdict == findings.side_of_zero(lo, hi, want="positive")
+    assert "diffmean scale, calibrated" in f.deciding and "not deciding: spec" in f.deciding
+    assert any(n.startswith("Cost of the projection itself (glp at r = 0") for n in f.notes)
+    assert sum(line.startswith("| calibrated, DiffMean norm") for line in f.table) == 3
+    assert sum(line.startswith("| spec, mean norm") for line in f.table) == 3
 
 
 def test_default_rs_and_bad_arguments(smollm2, w):
@@ -308,3 +388,95 @@ def test_default_rs_and_bad_arguments(smollm2, w):
                           progress=False)
     with pytest.raises(GLPError, match="act_norm"):
         evaluate_steering(smollm2, LAYER, w, 0.0, PROMPTS, {"diffmean": None}, progress=False)
+
+
+# -- the fluency judge ---------------------------------------------------------------------
+
+def test_fluency_map_repetition_and_random_tokens(smollm2):
+    assert repeated_ngram_fraction([1, 2, 3, 4]) == 0.0 == repeated_ngram_fraction([7])
+    assert repeated_ngram_fraction([5] * 9) == pytest.approx(1 - 1 / 8)
+    assert repeated_ngram_fraction([1, 2, 1, 2, 1, 2]) == pytest.approx(1 - 2 / 5)
+    f = fluency_scores([4.0, 15.0, 9.5, 1.0, 20.0, 4.0], [0, 0, 0, 0, 0, 0.5],
+                       real_nll=4.0, random_nll=15.0)
+    np.testing.assert_allclose(f, [1.0, 0.0, 0.5, 1.0, 0.0, 0.5])  # clipped, penalised
+    with pytest.raises(GLPError, match="NLL_random > NLL_real"):
+        FluencyJudge(real_nll=5.0, random_nll=5.0)
+    assert FluencyJudge(4.0, 15.0).score([9.5], [[1, 2, 3]]) == pytest.approx([0.5])
+    tok = smollm2.tokenizer
+    a, b = (random_continuations(tok, [50, 3], seed=s) for s in (1, 1))
+    assert a == b and [len(x) for x in a] == [50, 3]
+    assert not set(a[0]) & set(tok.all_special_ids) and max(a[0]) < len(tok)
+    assert random_continuations(tok, [50], seed=2)[0] != a[0]
+    # prompts without real continuations: anchors from held-out fortunes
+    ref = FluencyJudge.fortune_reference(smollm2, max_tokens=4, n=4)
+    assert ref.source.startswith("4 held-out fortunes") and len(ref.reference_nll["real"]) == 4
+    assert ref.real_nll < ref.random_nll and ref.to_dict()["n_references"] == 4
+
+
+def test_fluency_judge_ranks_real_over_shuffled_over_repeated_over_random(smollm2):
+    """24 held-out fortunes (6-word prompts, <= 10-token continuations) under the real
+    SmolLM2, the judge calibrated on these prompts' real continuations (as in steering):
+    real text > its words shuffled > its first 3 tokens looped > random tokens, by the mean
+    score and by rank (Spearman vs the category order; each pair's AUC)."""
+    from sklearn.metrics import roc_auc_score
+
+    from glp_jax.llm.extract import tokenize_documents
+
+    n, length = 24, 10
+    prompts, conts = fortune_reference_pairs(n, prompt_words=6, seed=1)
+    tok = smollm2.tokenizer
+    pids = tokenize_documents(tok, prompts, 64)
+    real = continuation_ids(tok, conts, length)
+    judge = FluencyJudge.calibrate(smollm2, pids, real, seed=0)
+    rng = np.random.default_rng(0)
+    shuffled = continuation_ids(
+        tok, [" " + " ".join(rng.permutation(c.split())) for c in conts], length)
+    looped = [(c[:3] * length)[:len(c)] for c in real]
+    out = judge.judge(smollm2, pids * 2, shuffled + looped)
+    scores = {"real": judge.score(judge.reference_nll["real"], real),
+              "shuffled": out["fluency"][:n], "repeated": out["fluency"][n:],
+              # the calibration's random tokens (their NLLs are known; no repetition)
+              "random": judge.score(judge.reference_nll["random"], [[0]] * n)}
+    means = [float(v.mean()) for v in scores.values()]
+    print("fluency judge means (real, shuffled, repeated, random):",
+          [round(m, 3) for m in means], "anchors", judge.to_dict())
+    assert means == sorted(means, reverse=True) and len(set(means)) == 4
+    assert means[0] > 0.85 and means[-1] < 0.1
+    order = np.repeat([3, 2, 1, 0], n)
+    assert spearmanr(order, np.concatenate(list(scores.values()))).statistic > 0.85
+    cats = list(scores.values())
+    for better, worse in zip(cats[:-1], cats[1:], strict=True):
+        auc = roc_auc_score(np.r_[np.ones(n), np.zeros(n)], np.r_[better, worse])
+        assert auc > 0.85
+    assert judge.real_nll < float(out["nll"][:n].mean()) < judge.random_nll  # shuffled
+
+
+# -- the calibrated coefficient range --------------------------------------------------------
+
+def test_saturation_coefficient_and_the_calibrated_grid():
+    rs = [0.5, 1, 2, 4, 8, 16]
+    c = [0.20, 0.22, 0.30, 0.50, 0.52, 0.10]  # rises, saturates, collapses
+    s = saturation_coefficient(rs, c, baseline=0.2)
+    # best gain 0.32 at r = 8; 90% of it (0.488) is first reached at r = 4
+    assert (s["r_saturation"], s["r_best"]) == (4.0, 8.0)
+    assert s["gain"] == pytest.approx(0.32) and s["concept01_at_saturation"] == 0.5
+    assert saturation_coefficient(rs[::-1], c[::-1], baseline=0.2) == s  # order-free
+    assert saturation_coefficient(rs, c, 0.2, saturation=1.0)["r_saturation"] == 8.0
+    # a concept spike from broken text (fluency below the floor) is not counted
+    spike, flu = [0.2, 0.2, 0.3, 0.4, 0.9, 0.2], [0.9, 0.9, 0.9, 0.9, 0.3, 0.1]
+    assert saturation_coefficient(rs, spike, 0.2)["r_saturation"] == 8.0
+    floored = saturation_coefficient(rs, spike, 0.2, fluency01=flu, min_fluency01=0.45)
+    assert floored["r_saturation"] == 4.0 and floored["eligible"] == [0.5, 1, 2, 4]
+    assert floored["fluent_search"] and floored["gain"] == pytest.approx(0.2)
+    broken = saturation_coefficient(rs, spike, 0.2, fluency01=flu, min_fluency01=0.95)
+    assert not broken["fluent_search"] and broken["r_saturation"] == 8.0  # all counted
+    none = saturation_coefficient([1, 2], [0.1, 0.05], baseline=0.2)
+    assert none["gain"] < 0 and none["r_saturation"] == 2.0  # no effect: the grid's top
+    with pytest.raises(GLPError, match="saturation"):
+        saturation_coefficient(rs, c, 0.2, saturation=0.0)
+    with pytest.raises(GLPError, match="search coefficients"):
+        saturation_coefficient([1.0], [0.3], 0.2)
+    cal = {"r_saturation": 4.0}
+    assert calibrated_rs(cal, DEFAULT_RS) == pytest.approx([0.4 * i for i in range(1, 11)])
+    assert calibrated_rs(cal, [CALIBRATED_TOP]) == [4.0]
+    assert calibrated_rs(cal, SCORE_R_RANGE) == pytest.approx([2.4, 4.0])

@@ -5,33 +5,55 @@ Protocol:
 - Direction: DiffMean of last-token residuals at decoder layer k (`last_token_activations`,
   BOS/separator kept as in extraction): w = mean(pos) - mean(neg), w /= (||w|| + 1e-8).
   Texts: `glp_jax.evals.steer_data` (fortunes scored by VADER by default, or the user's).
-- Strength: alpha = r * act_norm with r in {0.2, ..., 2.0}; act_norm is the MEAN L2 norm of
-  held-out activations of the layer, measured on rows of the run's val store (its train
-  store when it has none); the result says which (`act_norm.source`). The original used
-  constants (5.2087 for Llama-3.2-1B layer 7). The negative task uses -r.
+- Strength: alpha = r * unit, the negative task uses -r. Units (SCALES):
+  "mean" (the spec): the MEAN L2 norm of held-out activations of the layer, measured on rows
+  of the run's val store (its train store when it has none; `act_norm.source` says which);
+  the original used constants (5.2087 for Llama-3.2-1B layer 7). "centred": the same norm
+  after removing the rows' mean. "diffmean": the norm of the raw DiffMean vector, so r = 1
+  adds exactly mean(pos) - mean(neg).
+  On SmolLM2 layer 14 the mean norm (~156) is dominated by two outlier (massive-activation)
+  dimensions and is ~10x the DiffMean norm (~14.8): from r = 1.2 on the spec's grid every
+  method's continuations are strings of commas and newlines, so that grid cannot separate
+  the methods. Hence the CALIBRATED range (`calibrate_steering`, steer_run(calibrate=True)):
+  in DiffMean units, DiffMean alone is run at a geometric search grid (CALIBRATION_RS,
+  0.5..32) and the saturation coefficient r_sat is the smallest r whose concept01 reaches
+  the unsteered baseline + 90% of DiffMean's best gain over the grid, counting only the r
+  where DiffMean's fluency01 is still >= half the unsteered model's (VADER scores the
+  "please, please, please" of a broken continuation as positive: that is no saturated
+  concept; the grid's top when DiffMean gains nothing, flagged in the reports); the
+  steering grid is
+  then the spec's grid rescaled so that its top (2.0) is r_sat (r_k = r_sat * r_spec_k /
+  2.0), and steer_score's range [1.2, 2.0] maps the same way. So the grid runs from ~no
+  effect (r_sat / 10) to a saturated concept. Every row also states alpha in the other
+  units (`r_by_scale`), so the spec's mean-norm scale is shown beside the calibrated one.
 - Edit: at decoder layer k, only the last position of every forward (the last prompt token
   at prefill, prompts left-padded; then each new token under the KV cache):
   diffmean: a' = a + alpha*w;  glp: a' = GLP on-manifold projection of a + alpha*w (sigma0
   0.5 in the code convention = 0.474 and 10 Euler steps of a 20-step grid; seeded, fresh
   noise each forward: call i uses seed + i);  sae (or any reconstructor given as a
   baseline): a' = its reconstruction of a + alpha*w.
+  Every method also runs at r = 0 (`zero_arm`): for diffmean that is the unsteered model
+  (its generations are reused), for glp/sae it is the projection/reconstruction ALONE, so
+  the cost of the projection itself is visible beside the steered rows.
   Greedy decoding, 20 new tokens, several prompts per forward (`glp_jax.llm.generate`).
 - Scores, on the continuation only (the prompt never counts):
   concept = VADER compound in [-1, 1] (sign-flipped for the negative task, so higher is
   better for both); optionally the positive-class probability of a Hugging Face
   text-classification model the user names (`classifier=`, local/offline; skipped when it
-  cannot be loaded). fluency = mean NLL per token of the continuation under the UNSTEERED
-  model given the prompt: one forward over concatenated token ids (no re-tokenised
-  "prompt + ' ' + continuation" string as in the original), prompt tokens masked.
+  cannot be loaded). fluency = `glp_jax.evals.fluency.FluencyJudge`: the per-token NLL of
+  the continuation under the UNSTEERED model given the prompt (one forward over
+  concatenated token ids, prompt tokens masked), mapped to [0, 1] against the NLL of REAL
+  continuations of the same prompts (1) and of random tokens (0), times 1 - the repeated
+  2-gram fraction. It scores the text, not its distance from the greedy path: a perfect
+  projection costs nothing. The raw NLL is kept beside it (`fluency_nll`).
   Per method and r: means over prompts with 95% percentile-bootstrap CIs over prompts
   (scipy.stats.bootstrap, 9999 resamples, rng seeded).
 - steer_score (the scaling summary; the original averaged the AxBench judge's 0-2 concept
   and fluency ratings): per r, (concept01 + fluency01) / 2, then the mean over r in
-  [1.2, 2.0] (the original's |r| > 1 on the 0.2 grid). Mappings to [0, 1]:
+  `steer_score_r_range` ([1.2, 2.0] on the spec's grid, the original's |r| > 1; on the
+  calibrated grid the same range rescaled). Mappings to [0, 1]:
   concept01 = mean over prompts of max(0, concept) (0 = absent or opposite sentiment, as a
-  judge's 0; 1 = VADER's most positive);
-  fluency01 = min(1, exp(NLL_unsteered - NLL)) on the means = the unsteered greedy
-  continuations' perplexity over the steered ones' (1 = as fluent as not steering).
+  judge's 0; 1 = VADER's most positive); fluency01 = the mean of the judge's scores.
 """
 
 from __future__ import annotations
@@ -46,13 +68,21 @@ import numpy as np
 
 from glp_jax.errors import GLPError
 from glp_jax.evals import stats
+from glp_jax.evals.fluency import FluencyJudge, continuation_ids
 from glp_jax.evals.recon import describe_method
 from glp_jax.llm.generate import LastPositionEdit, continuation_nll, greedy_generate
 from glp_jax.progress import progress_bar
 
 RESULT_NAME, PLOT_NAME = "steer", "steer_pareto.png"
+SCHEMA = 2  # 2: text-based fluency judge, r = 0 arm, r_by_scale (1: exp(NLL0 - NLL))
 DEFAULT_RS = tuple(round(0.2 * i, 1) for i in range(1, 11))
 SCORE_R_RANGE = (1.2, 2.0)
+# The calibration (calibrate_steering): DiffMean alone at these r x ||DiffMean||, and the
+# saturation r_sat = the smallest r reaching baseline + SATURATION x the best concept gain;
+# the calibrated grid maps the spec grid's top CALIBRATED_TOP onto r_sat.
+CALIBRATION_RS = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0)
+SATURATION, CALIBRATED_TOP = 0.9, 2.0
+FLUENCY_FLOOR = 0.5  # the search counts only r where DiffMean's fluency01 >= this x unsteered
 DEFAULT_N_PROMPTS, DEFAULT_MAX_NEW_TOKENS, PROMPT_MAX_TOKENS = 32, 20, 64
 N_RESAMPLES, NORM_ROWS = 9999, 8192
 TASK_SIGN = {"positive": 1.0, "negative": -1.0}
@@ -203,16 +233,40 @@ def _describe(rec) -> dict:
     return {"method": "diffmean", "post": None} if rec is None else describe_method(rec)
 
 
+def make_fluency_judge(lm, prompt_ids: Sequence[Sequence[int]],
+                       continuations: Sequence[str] | None, *, max_new_tokens: int,
+                       seed: int = 0, batch_size: int = 32) -> FluencyJudge:
+    """The judge calibrated on the real `continuations` of the prompts when given (one per
+    prompt), else on held-out fortunes (FluencyJudge.fortune_reference)."""
+    if continuations is None:
+        return FluencyJudge.fortune_reference(lm, max_tokens=max_new_tokens, seed=seed,
+                                              batch_size=batch_size)
+    if len(continuations) != len(prompt_ids):
+        raise GLPError(f"{len(continuations)} real continuations for {len(prompt_ids)} "
+                       f"prompts: give one per prompt (or none for the fortune reference)")
+    return FluencyJudge.calibrate(
+        lm, prompt_ids, continuation_ids(lm.tokenizer, continuations, max_new_tokens),
+        seed=seed, batch_size=batch_size,
+        source=f"the real continuations of the {len(prompt_ids)} prompts")
+
+
 def evaluate_steering(lm, layer: int, direction_D, act_norm: float, prompts: Sequence[str],
                       methods: Mapping[str, Callable | None], *, rs: Sequence[float] = DEFAULT_RS,
                       negative: bool = False, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                       batch_size: int = 32, classifier=None, seed: int = 0,
-                      progress: bool = True) -> dict:
+                      progress: bool = True, continuations: Sequence[str] | None = None,
+                      fluency_judge: FluencyJudge | None = None, zero_arm: bool = True,
+                      score_r_range: Sequence[float] = SCORE_R_RANGE,
+                      scales: Mapping[str, float] | None = None) -> dict:
     """Steer `lm` at decoder layer `layer` along `direction_D` (unit norm) with alpha =
     r * act_norm for every r, prompt and method, and score the continuations.
 
     `methods`: name -> None (plain addition, `diffmean`) or a reconstructor (raw [N, d] ->
-    raw [N, d]) applied after the addition. `classifier`: None, a HF model name (see
+    raw [N, d]) applied after the addition. `zero_arm`: add r = 0 to every method's rows
+    (the unsteered model for diffmean, the reconstructor alone for the others).
+    `fluency_judge`: a FluencyJudge, else one calibrated on `continuations` (the prompts'
+    real continuations) or on held-out fortunes. `scales`: other units {name: value} to
+    state each alpha in (`r_by_scale`). `classifier`: None, a HF model name (see
     load_classifier) or a callable texts -> P(positive). Returns a JSON-able dict."""
     if not prompts:
         raise GLPError("no prompts to steer")
@@ -220,9 +274,12 @@ def evaluate_steering(lm, layer: int, direction_D, act_norm: float, prompts: Seq
     if not rs or min(rs) < 0:
         raise GLPError(f"rs must be non-negative strengths (the negative task flips the sign "
                        f"itself), got {rs}")
+    if zero_arm and 0.0 not in rs:
+        rs = [0.0, *rs]
     w = np.asarray(direction_D, np.float32)
     if not np.isfinite(act_norm) or act_norm <= 0:
         raise GLPError(f"act_norm must be a positive number, got {act_norm}")
+    scales = {k: float(v) for k, v in (scales or {}).items()}
     tasks = ["positive", "negative"] if negative else ["positive"]
     from glp_jax.llm.extract import tokenize_documents
 
@@ -232,9 +289,17 @@ def evaluate_steering(lm, layer: int, direction_D, act_norm: float, prompts: Seq
     clf_name = classifier if isinstance(classifier, str) else getattr(classifier, "__name__", None)
     if isinstance(classifier, str):
         classifier = load_classifier(classifier)
+    t_judge = time.perf_counter()
+    judge = fluency_judge or make_fluency_judge(lm, prompt_ids, continuations,
+                                                max_new_tokens=max_new_tokens, seed=seed,
+                                                batch_size=batch_size)
+    t_judge = time.perf_counter() - t_judge
     # rows per method: task-major, then r, then prompt
     grid = [(t, r, p) for t in tasks for r in rs for p in range(n_p)]
-    total = (n_p + len(methods) * len(grid)) * max_new_tokens
+    # diffmean at r = 0 is the unsteered model: reuse its generations
+    todo = {m: [i for i, (_, r, _) in enumerate(grid) if post is not None or r != 0.0]
+            for m, post in methods.items()}
+    total = (n_p + sum(len(v) for v in todo.values())) * max_new_tokens
     bar = _progress(progress, total)
     t_start = time.perf_counter()
     timing: dict[str, dict] = {}
@@ -247,13 +312,19 @@ def evaluate_steering(lm, layer: int, direction_D, act_norm: float, prompts: Seq
         timing["none"] = _timing(g0)
         for name, post in methods.items():
             bar.set_postfix_str(name, refresh=False)
-            edit = LastPositionEdit(w, post=post)
-            alphas = [TASK_SIGN[t] * r * act_norm for t, r, _ in grid]
-            g = greedy_generate(lm, [prompt_ids[p] for _, _, p in grid],
-                                max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                layer=layer, edit=edit, alphas=alphas, bar=bar)
-            gens[name] = g.tokens
-            timing[name] = _timing(g)
+            rows = [grid[i] for i in todo[name]]
+            tokens = [list(g0.tokens[p]) for _, _, p in grid]
+            if rows:
+                edit = LastPositionEdit(w, post=post)
+                g = greedy_generate(lm, [prompt_ids[p] for _, _, p in rows],
+                                    max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                    layer=layer, edit=edit,
+                                    alphas=[TASK_SIGN[t] * r * act_norm for t, r, _ in rows],
+                                    bar=bar)
+                for i, toks in zip(todo[name], g.tokens, strict=True):
+                    tokens[i] = toks
+                timing[name] = _timing(g)
+            gens[name] = tokens
     finally:
         bar.close()
     t_gen = time.perf_counter() - t_start
@@ -262,6 +333,8 @@ def evaluate_steering(lm, layer: int, direction_D, act_norm: float, prompts: Seq
     all_conts = gens["none"] + [c for m in methods for c in gens[m]]
     t0 = time.perf_counter()
     nll_all = continuation_nll(lm, all_prompts, all_conts, batch_size=batch_size)
+    fluency_all = judge.score(nll_all, all_conts)
+    rep_all = judge.repetition(all_conts)
     t_nll = time.perf_counter() - t0
     texts_all = [tok.decode(c, skip_special_tokens=True) for c in all_conts]
     from glp_jax.evals.steer_data import vader_compound
@@ -275,17 +348,25 @@ def evaluate_steering(lm, layer: int, direction_D, act_norm: float, prompts: Seq
         start = 0 if block == 0 else n_p + (block - 1) * len(grid)
         return slice(start, start + (n_p if block == 0 else len(grid)))
 
+    def scored(cs: slice, sign: float) -> dict:
+        concept = sign * compound_all[cs]
+        return {"concept": _stat(concept, seed), "fluency": _stat(fluency_all[cs], seed),
+                "fluency_nll": _stat(nll_all[cs], seed),
+                "concept01": float(np.maximum(concept, 0).mean()),
+                "fluency01": float(fluency_all[cs].mean()),
+                "repetition": float(rep_all[cs].mean()),
+                "distinct": float(np.mean([distinct_ratio(all_conts[i])
+                                           for i in range(cs.start, cs.stop)]))}
+
+    lo_r, hi_r = (float(x) for x in score_r_range)
     result_tasks: dict[str, dict] = {}
     unsteered: dict[str, dict] = {}
     scores: dict[str, dict] = {}
     generations = []
     s0 = sl(0)
-    nll0 = nll_all[s0]
     for ti, task in enumerate(tasks):
         sign = TASK_SIGN[task]
-        c0 = sign * compound_all[s0]
-        unsteered[task] = {"concept": _stat(c0, seed), "fluency_nll": _stat(nll0, seed),
-                           "concept01": float(np.maximum(c0, 0).mean()), "fluency01": 1.0}
+        unsteered[task] = scored(s0, sign)
         if clf_all is not None:
             unsteered[task]["classifier"] = _stat(_clf_task(clf_all[s0], task), seed)
         result_tasks[task] = {}
@@ -296,15 +377,10 @@ def evaluate_steering(lm, layer: int, direction_D, act_norm: float, prompts: Seq
             for ri, r in enumerate(rs):
                 off = block.start + (ti * len(rs) + ri) * n_p
                 cs = slice(off, off + n_p)
-                concept = sign * compound_all[cs]
-                nll = nll_all[cs]
-                c01 = float(np.maximum(concept, 0).mean())
-                f01 = float(min(1.0, math.exp(float(nll0.mean()) - float(nll.mean()))))
-                row = {"r": r, "alpha": sign * r * act_norm, "concept": _stat(concept, seed),
-                       "fluency_nll": _stat(nll, seed), "concept01": c01, "fluency01": f01,
-                       "combined01": (c01 + f01) / 2,
-                       "distinct": float(np.mean([distinct_ratio(all_conts[i])
-                                                  for i in range(cs.start, cs.stop)]))}
+                alpha = sign * r * act_norm
+                row = {"r": r, "alpha": alpha, **scored(cs, sign),
+                       "r_by_scale": {k: abs(alpha) / v for k, v in scales.items()}}
+                row["combined01"] = (row["concept01"] + row["fluency01"]) / 2
                 if clf_all is not None:
                     row["classifier"] = _stat(_clf_task(clf_all[cs], task), seed)
                 rows.append(row)
@@ -312,40 +388,128 @@ def evaluate_steering(lm, layer: int, direction_D, act_norm: float, prompts: Seq
                     i = off + p
                     generations.append({"task": task, "method": name, "r": r, "prompt": p,
                                         "text": texts_all[i], "compound": float(compound_all[i]),
-                                        "nll": float(nll_all[i])})
+                                        "nll": float(nll_all[i]),
+                                        "fluency": float(fluency_all[i]),
+                                        "repetition": float(rep_all[i])})
             result_tasks[task][name] = rows
             in_range = [x["combined01"] for x in rows
-                        if SCORE_R_RANGE[0] - 1e-9 <= x["r"] <= SCORE_R_RANGE[1] + 1e-9]
+                        if x["r"] > 0 and lo_r - 1e-9 <= x["r"] <= hi_r + 1e-9]
             scores[task][name] = float(np.mean(in_range)) if in_range else None
     for p in range(n_p):
         generations.append({"task": "none", "method": "none", "r": 0.0, "prompt": p,
                             "text": texts_all[p], "compound": float(compound_all[p]),
-                            "nll": float(nll_all[p])})
+                            "nll": float(nll_all[p]), "fluency": float(fluency_all[p]),
+                            "repetition": float(rep_all[p])})
     n_tokens = sum(t["forward_tokens"] for t in timing.values())
     return {
+        "schema": SCHEMA,
         "model": getattr(lm, "model_id", type(lm.model).__name__),
         "layer": int(layer),
         "rs": rs,
+        "zero_arm": bool(zero_arm),
         "tasks": tasks,
         "act_norm": {"value": float(act_norm)},
+        "scales": scales,
         "n_prompts": n_p,
         "prompts": list(prompts),
         "max_new_tokens": max_new_tokens,
         "methods": {m: _describe(p) for m, p in methods.items()},
+        "fluency_judge": judge.to_dict(),
         "unsteered": unsteered,
         "results": result_tasks,
         "steer_score": scores["positive"],
         "steer_score_by_task": scores,
-        "steer_score_r_range": list(SCORE_R_RANGE),
+        "steer_score_r_range": [lo_r, hi_r],
         "classifier": clf_name if classifier is not None else None,
         "generations": generations,
         "batch_size": batch_size,
         "seed": seed,
         "llm_dtype": str(next(lm.model.parameters()).dtype).replace("torch.", ""),
         "timing": {"generation_seconds": t_gen, "nll_seconds": t_nll,
+                   "judge_calibration_seconds": t_judge,
                    "forward_tokens": n_tokens, "tokens_per_s": n_tokens / max(t_gen, 1e-12),
                    "by_method": timing},
     }
+
+
+# -- the calibrated coefficient range -------------------------------------------------------
+
+def saturation_coefficient(rs: Sequence[float], concept01: Sequence[float], baseline: float,
+                           saturation: float = SATURATION, *,
+                           fluency01: Sequence[float] | None = None,
+                           min_fluency01: float | None = None) -> dict:
+    """The smallest r whose concept01 reaches baseline + saturation x (the best concept01 -
+    baseline), over a search grid `rs` (sorted here). With `fluency01` and `min_fluency01`
+    only the r whose fluency01 is at least that count (the "eligible" ones): a concept score
+    read off text that is no longer text (VADER rates "please, please, please" positive) is
+    not a saturated concept; if none is eligible, all are (`fluent_search` False). Without
+    any gain over the baseline nothing saturates inside the grid: its largest eligible r is
+    returned with gain <= 0 (the direction does not steer; reports say so)."""
+    if not 0 < saturation <= 1:
+        raise GLPError(f"saturation must be in (0, 1], got {saturation}")
+    if len(rs) != len(concept01) or len(rs) < 2:
+        raise GLPError(f"need >= 2 search coefficients with one concept01 each, got "
+                       f"{len(rs)} and {len(concept01)}")
+    order = np.argsort(np.asarray(rs, np.float64), kind="stable")
+    r = np.asarray(rs, np.float64)[order]
+    c = np.asarray(concept01, np.float64)[order]
+    ok = np.ones(len(r), bool)
+    if fluency01 is not None and min_fluency01 is not None:
+        ok = np.asarray(fluency01, np.float64)[order] >= min_fluency01
+    fluent = bool(ok.any())
+    cand = np.flatnonzero(ok) if fluent else np.arange(len(r))
+    best = int(cand[np.argmax(c[cand])])
+    gain = float(c[best] - baseline)
+    if gain <= 0:
+        i = int(cand[-1])
+    else:
+        i = int(cand[np.argmax(c[cand] >= baseline + saturation * gain)])
+    return {"r_saturation": float(r[i]), "concept01_at_saturation": float(c[i]),
+            "r_best": float(r[best]), "concept01_best": float(c[best]),
+            "baseline_concept01": float(baseline), "gain": gain, "saturation": saturation,
+            "min_fluency01": min_fluency01, "eligible": [float(x) for x in r[cand]],
+            "fluent_search": fluent}
+
+
+def calibrate_steering(lm, layer: int, direction_D, unit: float, prompts: Sequence[str], *,
+                       search_rs: Sequence[float] = CALIBRATION_RS,
+                       saturation: float = SATURATION, fluency_floor: float = FLUENCY_FLOOR,
+                       max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, batch_size: int = 32,
+                       seed: int = 0, continuations: Sequence[str] | None = None,
+                       fluency_judge: FluencyJudge | None = None,
+                       progress: bool = False) -> dict:
+    """DiffMean alone at alpha = r x `unit` (the raw DiffMean norm) for r in `search_rs`, on
+    the positive task: its concept01 (and the judge's fluency01) per r and the saturation
+    coefficient (saturation_coefficient), counting only the r whose fluency01 is at least
+    `fluency_floor` x the unsteered model's. `calibrated_rs` turns it into a grid."""
+    res = evaluate_steering(lm, layer, direction_D, unit, prompts, {"diffmean": None},
+                            rs=search_rs, max_new_tokens=max_new_tokens,
+                            batch_size=batch_size, seed=seed, progress=progress,
+                            continuations=continuations, fluency_judge=fluency_judge,
+                            zero_arm=False)
+    rows = res["results"]["positive"]["diffmean"]
+    base = res["unsteered"]["positive"]
+    sat = saturation_coefficient([x["r"] for x in rows], [x["concept01"] for x in rows],
+                                 base["concept01"], saturation,
+                                 fluency01=[x["fluency01"] for x in rows],
+                                 min_fluency01=fluency_floor * base["fluency01"])
+    return {"unit": float(unit), "unit_name": "diffmean", "n_prompts": res["n_prompts"],
+            "max_new_tokens": max_new_tokens, **sat, "fluency_floor": fluency_floor,
+            "alpha_saturation": sat["r_saturation"] * float(unit),
+            "calibrated_top": CALIBRATED_TOP,
+            "baseline_fluency01": base["fluency01"],
+            "search": [{"r": x["r"], "alpha": x["alpha"], "concept01": x["concept01"],
+                        "fluency01": x["fluency01"], "repetition": x["repetition"]}
+                       for x in rows],
+            "fluency_judge": res["fluency_judge"],
+            "seconds": res["timing"]["generation_seconds"] + res["timing"]["nll_seconds"]}
+
+
+def calibrated_rs(calibration: Mapping, rs: Sequence[float] = DEFAULT_RS) -> list[float]:
+    """The spec-shaped grid `rs` rescaled so that CALIBRATED_TOP (2.0) lands on the
+    calibration's saturation coefficient, in its unit (DiffMean norms)."""
+    k = float(calibration["r_saturation"]) / CALIBRATED_TOP
+    return [round(k * float(r), 6) for r in rs]
 
 
 def _clf_task(p_pos: np.ndarray, task: str) -> np.ndarray:
@@ -361,19 +525,66 @@ def _timing(g) -> dict:
 
 # -- reports --------------------------------------------------------------------------------
 
+SCALE_LABELS = {"mean": "mean activation norm", "centred": "centred activation norm",
+                "diffmean": "DiffMean vector norm"}
+
+
 def _ci(s: dict, fmt: str = "{:.3f}") -> str:
     return f"{fmt.format(s['mean'])} [{fmt.format(s['ci_low'])}, {fmt.format(s['ci_high'])}]"
 
 
+def _r(x: float) -> str:
+    return f"{x:.3g}"
+
+
+def calibration_markdown(cal: Mapping, scales: Mapping[str, float] | None = None) -> list[str]:
+    """The search table and the saturation coefficient it gave (lines)."""
+    scales = dict(scales or {})
+    scales.pop("diffmean", None)
+    extra = "".join(f" r ({k} norm) |" for k in scales)
+    lines = [f"Calibrated range: DiffMean alone at alpha = r x ||DiffMean|| ({cal['unit']:.4g}) "
+             f"on {cal['n_prompts']} prompts; r_sat = {_r(cal['r_saturation'])} (alpha "
+             f"{cal['alpha_saturation']:.4g}), the smallest r whose concept01 reaches the "
+             f"unsteered {cal['baseline_concept01']:.3f} + {100 * cal['saturation']:.0f}% of "
+             f"the best gain ({cal['gain']:+.3f}, concept01 {cal['concept01_best']:.3f} at r = "
+             f"{_r(cal['r_best'])}; only r where DiffMean's fluency01 >= "
+             f"{cal.get('fluency_floor', 0):g} x the unsteered "
+             f"{cal['baseline_fluency01']:.3f} count). The steering grid is the spec's grid x "
+             f"r_sat / {cal['calibrated_top']:g}."]
+    if cal["gain"] <= 0:
+        lines.append("WARNING: DiffMean never raised concept01 above the unsteered baseline "
+                     "on the search grid: this range is not calibrated to anything.")
+    if not cal.get("fluent_search", True):
+        lines.append("WARNING: at every searched r DiffMean's fluency was below the floor; "
+                     "all were counted.")
+    lines += ["", "| r (DiffMean norm) | alpha |" + extra + " concept01 | fluency01 | "
+              "repetition |", "|---|---|" + "---|" * len(scales) + "---|---|---|"]
+    for x in cal["search"]:
+        cells = "".join(f" {_r(x['alpha'] / v)} |" for v in scales.values())
+        mark = " (r_sat)" if x["r"] == cal["r_saturation"] else ""
+        if x["r"] not in cal.get("eligible", [x["r"]]):
+            mark += " (fluency below the floor: not counted)"
+        lines.append(f"| {_r(x['r'])}{mark} | {x['alpha']:.4g} |{cells} {x['concept01']:.3f} | "
+                     f"{x['fluency01']:.3f} | {x['repetition']:.3f} |")
+    return lines
+
+
 def steer_markdown(result: dict) -> str:
-    """Per task: one row per method and r (concept, fluency NLL with CIs, the [0,1] maps),
-    the unsteered row, steer_score, and a few continuations at the largest r."""
+    """Per task: one row per method and r (r in every scale, concept, fluency with CIs, the
+    [0,1] maps), the unsteered row, steer_score, and a few continuations at the largest r;
+    the calibration search and the fluency judge's anchors."""
     an = result["act_norm"]
+    scales = result.get("scales", {})
+    label = SCALE_LABELS.get(an.get("norm", "mean"), an.get("norm", "given"))
+    source = an.get("source", "given")
+    where = "" if source == label else f", {source}"
+    where += f", {an['rows']} rows" if "rows" in an else ""
     lines = [f"# On-manifold steering: {result['model']} layer {result['layer']}", "",
              f"{result['n_prompts']} prompts, {result['max_new_tokens']} new tokens (greedy), "
-             f"alpha = r x {an['value']:.4f} (mean activation norm, "
-             f"{an.get('source', 'given')}{', ' + str(an['rows']) + ' rows' if 'rows' in an else ''}"
-             f"), LLM {result['llm_dtype']}."]
+             f"alpha = r x {an['value']:.4f} ({label}{where}), LLM {result['llm_dtype']}."]
+    if scales:
+        lines.append("Scales (every row states alpha in each): " + "; ".join(
+            f"{SCALE_LABELS.get(k, k)} {v:.4g}" for k, v in scales.items()) + ".")
     if result.get("direction"):
         d = result["direction"]
         lines.append(f"DiffMean direction from {d['n_pos']} positive / {d['n_neg']} negative "
@@ -381,39 +592,56 @@ def steer_markdown(result: dict) -> str:
     if result.get("texts"):
         lines.append("Texts: " + "; ".join(f"{k}: {v}" for k, v in result["texts"].items()
                                           if isinstance(v, str)) + ".")
+    fj = result["fluency_judge"]
     lines.append("Concept: VADER compound of the continuation (sign-flipped for the negative "
-                 "task; higher is better). Fluency: NLL per token of the continuation under "
-                 "the unsteered model (lower is better). 95% bootstrap CIs over prompts.")
+                 "task; higher is better). Fluency (0-1, higher is better): "
+                 f"{fj['formula']}, NLL per token under the unsteered model; anchors NLL_real "
+                 f"= {fj['real_nll']:.3f} ({fj['source']}), NLL_random = "
+                 f"{fj['random_nll']:.3f} (random tokens after the same prompts). 95% "
+                 f"bootstrap CIs over prompts.")
+    if result.get("calibration"):
+        lines += [""] + calibration_markdown(result["calibration"], scales)
+    others = [k for k in scales if k != an.get("norm")]  # the run's own unit is r itself
     for task in result["tasks"]:
         clf = result.get("classifier") is not None
         lines += ["", f"## {task} sentiment", "",
-                  "| method | r | alpha | concept | fluency NLL | concept01 | fluency01 | "
-                  "distinct |" + (" classifier |" if clf else ""),
-                  "|---|---|---|---|---|---|---|---|" + ("---|" if clf else "")]
+                  "| method | r | alpha |" + "".join(f" r ({k}) |" for k in others)
+                  + " concept | fluency | fluency NLL | concept01 | fluency01 | repetition |"
+                  + (" classifier |" if clf else ""),
+                  "|---|---|---|" + "---|" * len(others) + "---|---|---|---|---|---|"
+                  + ("---|" if clf else "")]
         u = result["unsteered"][task]
-        lines.append(f"| unsteered | 0 | 0 | {_ci(u['concept'])} | {_ci(u['fluency_nll'])} | "
-                     f"{u['concept01']:.3f} | 1.000 | |" + (f" {_ci(u['classifier'])} |"
-                                                         if clf else ""))
+        lines.append("| unsteered | 0 | 0 |" + " 0 |" * len(others)
+                     + f" {_ci(u['concept'])} | {_ci(u['fluency'])} | {_ci(u['fluency_nll'])} | "
+                     f"{u['concept01']:.3f} | {u['fluency01']:.3f} | {u['repetition']:.3f} |"
+                     + (f" {_ci(u['classifier'])} |" if clf else ""))
         for m, rows in result["results"][task].items():
             for x in rows:
-                lines.append(f"| {m} | {x['r']:.1f} | {x['alpha']:.2f} | {_ci(x['concept'])} | "
+                by = x.get("r_by_scale", {})
+                lines.append(f"| {m} | {_r(x['r'])} | {x['alpha']:.2f} |"
+                             + "".join(f" {_r(by[k])} |" for k in others)
+                             + f" {_ci(x['concept'])} | {_ci(x['fluency'])} | "
                              f"{_ci(x['fluency_nll'])} | {x['concept01']:.3f} | "
-                             f"{x['fluency01']:.3f} | {x['distinct']:.2f} |"
+                             f"{x['fluency01']:.3f} | {x['repetition']:.3f} |"
                              + (f" {_ci(x['classifier'])} |" if clf else ""))
+        if result.get("zero_arm"):
+            lines += ["", "r = 0 rows: diffmean = the unsteered model; every other method = its "
+                      "projection/reconstruction ALONE (no steering), so its fluency01 next to "
+                      "the unsteered row is the cost of the projection itself."]
         lo, hi = result["steer_score_r_range"]
-        lines += ["", f"steer_score (mean over r in [{lo}, {hi}] of (concept01 + fluency01)/2; "
-                  f"concept01 = mean max(0, concept), fluency01 = min(1, exp(NLL_unsteered - "
-                  f"NLL))): " + ", ".join(
-                      f"{m} {'n/a' if s is None else f'{s:.3f}'}"
-                      for m, s in result["steer_score_by_task"][task].items())]
+        lines += ["", f"steer_score (mean over r in [{_r(lo)}, {_r(hi)}] of (concept01 + "
+                  f"fluency01)/2; concept01 = mean max(0, concept), fluency01 = mean fluency): "
+                  + ", ".join(f"{m} {'n/a' if s is None else f'{s:.3f}'}"
+                              for m, s in result["steer_score_by_task"][task].items())]
         r_max = max(result["rs"])
-        lines += ["", f"Continuations at r = {r_max} (first 3 prompts):", ""]
+        lines += ["", f"Continuations at r = {_r(r_max)} (first 3 prompts):", ""]
         for p in range(min(3, result["n_prompts"])):
             lines.append(f"- prompt: {result['prompts'][p]!r}")
             for g in result["generations"]:
                 if g["prompt"] == p and ((g["method"] == "none" and task == result["tasks"][0])
                                          or (g["task"] == task and g["r"] == r_max)):
-                    lines.append(f"  - {g['method']}: {g['text']!r}")
+                    lines.append(f"  - {g['method']} (fluency {g['fluency']:.2f}): "
+                                 f"{g['text']!r}")
     t = result["timing"]
     lines += ["", f"Generation {t['generation_seconds']:.1f} s ({t['tokens_per_s']:.0f} "
               f"tokens/s over {t['forward_tokens']:,} generated tokens), NLL scoring "
@@ -422,18 +650,24 @@ def steer_markdown(result: dict) -> str:
 
 
 def summarize_steer(result: dict) -> str:
-    """One line: steer_score per method, throughput."""
+    """One line: steer_score per method, the scale, throughput."""
     s = ", ".join(f"{m} {'n/a' if v is None else f'{v:.3f}'}"
                   for m, v in result["steer_score"].items())
     t = result["timing"]
+    cal = result.get("calibration")
+    scale = result["act_norm"].get("norm", "given") + " norm"
+    if cal:
+        scale += f" (calibrated, r_sat {_r(cal['r_saturation'])})"
+    rs = [r for r in result["rs"] if r > 0] or result["rs"]
     return (f"steering ({result['model']} L{result['layer']}, {result['n_prompts']} prompts, "
-            f"r {min(result['rs'])}..{max(result['rs'])}): steer_score {s} | "
+            f"r = 0 and {_r(min(rs))}..{_r(max(rs))} x {scale}): steer_score {s} | "
             f"{t['generation_seconds']:.0f} s, {t['tokens_per_s']:.0f} tok/s")
 
 
 def plot_steer_pareto(result: dict, path, task: str = "positive") -> Path:
-    """The paper's Figure 5: concept (x) vs fluency NLL (y, lower is better), one line per
-    method through its r values (labelled), CIs as error bars, the unsteered point."""
+    """The paper's Figure 5: concept (x) vs the judge's fluency (y, higher is better), one
+    line per method through its r values (r = 0 included, labelled), CIs as error bars, the
+    unsteered point."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -441,26 +675,28 @@ def plot_steer_pareto(result: dict, path, task: str = "positive") -> Path:
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     u = result["unsteered"][task]
-    ax.plot([u["concept"]["mean"]], [u["fluency_nll"]["mean"]], marker="*", ms=14,
+    ax.plot([u["concept"]["mean"]], [u["fluency"]["mean"]], marker="*", ms=14,
             color="black", ls="none", label="unsteered", zorder=5)
     for i, (m, rows) in enumerate(result["results"][task].items()):
         x = np.array([r["concept"]["mean"] for r in rows])
-        y = np.array([r["fluency_nll"]["mean"] for r in rows])
+        y = np.array([r["fluency"]["mean"] for r in rows])
         xerr = np.array([[r["concept"]["mean"] - r["concept"]["ci_low"],
                           r["concept"]["ci_high"] - r["concept"]["mean"]] for r in rows]).T
-        yerr = np.array([[r["fluency_nll"]["mean"] - r["fluency_nll"]["ci_low"],
-                          r["fluency_nll"]["ci_high"] - r["fluency_nll"]["mean"]]
-                         for r in rows]).T
+        yerr = np.array([[r["fluency"]["mean"] - r["fluency"]["ci_low"],
+                          r["fluency"]["ci_high"] - r["fluency"]["mean"]] for r in rows]).T
         color = f"C{i}"
         ax.errorbar(x, y, xerr=xerr, yerr=yerr, color=color, alpha=0.25, ls="none", lw=1)
         ax.plot(x, y, marker="o", color=color, label=m, zorder=4)
-        for j in {0, len(rows) - 1}:
-            ax.annotate(f"r={rows[j]['r']:g}", (x[j], y[j]), textcoords="offset points",
+        for j in sorted({0, len(rows) - 1}):
+            ax.annotate(f"r={rows[j]['r']:.3g}", (x[j], y[j]), textcoords="offset points",
                         xytext=(5, 4), fontsize=8, color=color)
     ax.set_xlabel(f"Concept: VADER compound of the continuation ({task}; higher is better)")
-    ax.set_ylabel("Fluency: NLL per token, unsteered model (lower is better)")
+    ax.set_ylabel("Fluency: 1 = real text, 0 = random tokens (higher is better)")
+    ax.set_ylim(-0.05, 1.05)
+    scale = SCALE_LABELS.get(result["act_norm"].get("norm", ""), "given norm")
     ax.set_title(f"Steering {result['model']} layer {result['layer']}, "
-                 f"{result['n_prompts']} prompts")
+                 f"{result['n_prompts']} prompts, r x {scale}"
+                 + (" (calibrated)" if result.get("calibration") else ""), fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="best")
     path = Path(path)
@@ -489,6 +725,18 @@ def _method_name(rec, taken: set[str]) -> str:
     return name
 
 
+def _scales(run_dir, layer: int, direction: dict, norm: str, act_norm: float) -> dict:
+    """{scale: unit} for r_by_scale: the run's own, the DiffMean norm, and the spec's mean
+    norm where the run's stores can be read."""
+    scales = {norm: float(act_norm), "diffmean": float(direction["raw_norm"])}
+    if "mean" not in scales:
+        try:
+            scales["mean"] = mean_activation_norm(run_dir, layer)[0]
+        except GLPError:
+            pass  # no readable store: the mean-norm column is left out
+    return scales
+
+
 def steer_run(run_dir, baselines: Sequence = (), *, rs: Sequence[float] = DEFAULT_RS,
               n_prompts: int = DEFAULT_N_PROMPTS,
               max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, sigma0: float = 0.5,
@@ -497,20 +745,29 @@ def steer_run(run_dir, baselines: Sequence = (), *, rs: Sequence[float] = DEFAUL
               methods: Sequence[str] = ("diffmean", "glp"), n_direction: int | None = None,
               batch_size: int = 32, act_norm: float | None = None, layer: int | None = None,
               step: int | str = "latest", lm=None, device: str = "cpu", classifier=None,
-              write: bool = True, norm: str = "mean", name: str = RESULT_NAME) -> dict:
+              write: bool = True, norm: str = "mean", name: str = RESULT_NAME,
+              calibrate: bool = False, calibration: Mapping | None = None,
+              calibration_rs: Sequence[float] = CALIBRATION_RS,
+              saturation: float = SATURATION, fluency_floor: float = FLUENCY_FLOOR,
+              continuations=None, zero_arm: bool = True) -> dict:
     """Sentiment steering with a trained GLP run (methods `diffmean`, `glp`) and baselines
     (SAE runs / PCA folders: a reconstruction after the addition, named by their kind).
 
     The run's training store names the LLM, the layer and (val store, else train store) the
     activations whose mean norm scales r; `act_norm=` overrides it. Texts: `pos`/`neg`/
-    `prompts` (lists or files, see steer_data), else the fortune default. Writes
-    steer.json, steer.md and steer_pareto.png (+ steer_pareto_negative.png with
-    negative=True) to `out_dir` (default <run>/evals) unless write=False; `name` replaces
-    "steer" in those file names. norm: how r is scaled (mean_activation_norm)."""
+    `prompts` (lists or files, see steer_data; `continuations` = the prompts' real ones for
+    the fluency judge), else the fortune default. Writes steer.json, steer.md and
+    steer_pareto.png (+ steer_pareto_negative.png with negative=True) to `out_dir` (default
+    <run>/evals) unless write=False; `name` replaces "steer" in those file names.
+    norm: how r is scaled (SCALES). calibrate=True: the calibrated range (module docstring):
+    `calibration` (calibrate_steering's dict for the same direction, e.g. one computed once
+    for a sweep) or a fresh search over `calibration_rs`; `rs` is then the grid's shape
+    (calibrated_rs) and steer_score's range is rescaled with it."""
     from glp_jax.evals.delta_lm import build_methods
     from glp_jax.evals.recon import load_reconstructor
     from glp_jax.evals.run_llm import run_lm
     from glp_jax.evals.steer_data import DEFAULT_N_DIRECTION, steer_texts
+    from glp_jax.llm.extract import tokenize_documents
     from glp_jax.rundir import EVALS_DIR, RunDir, write_results
 
     unknown = sorted(set(methods) - {"diffmean", "glp"})
@@ -519,14 +776,41 @@ def steer_run(run_dir, baselines: Sequence = (), *, rs: Sequence[float] = DEFAUL
                        f"(SAE/PCA: pass their folders as baselines)")
     if n_prompts < 1:
         raise GLPError(f"n_prompts must be >= 1, got {n_prompts}")
+    if calibration is not None and not calibrate:
+        raise GLPError("calibration= is used only with calibrate=True")
     lm, layer, _ = run_lm(run_dir, layer, lm, device)
     texts = steer_texts(pos, neg, prompts, n_prompts=n_prompts,
-                        n_direction=n_direction or DEFAULT_N_DIRECTION, seed=seed)
+                        n_direction=n_direction or DEFAULT_N_DIRECTION, seed=seed,
+                        continuations=continuations)
     w, direction = diffmean_direction(lm, layer, texts.pos, texts.neg, progress=progress)
+    if calibration is not None and not math.isclose(calibration["unit"], direction["raw_norm"],
+                                                    rel_tol=1e-6):
+        raise GLPError(f"the calibration was measured with a DiffMean norm of "
+                       f"{calibration['unit']:.6g}, this direction's is "
+                       f"{direction['raw_norm']:.6g}: it belongs to other texts or another "
+                       f"layer; calibrate again")
     if act_norm is None:
         act_norm, norm_info = steering_scale(run_dir, layer, direction, norm)
     else:
-        norm_info = {"source": "given (act_norm=)"}
+        norm_info = {"source": "given (act_norm=)", "norm": "given"}
+    scales = _scales(run_dir, layer, direction, norm_info.get("norm", "given"), act_norm)
+    judge = make_fluency_judge(lm, tokenize_documents(lm.tokenizer, texts.prompts,
+                                                      PROMPT_MAX_TOKENS),
+                               texts.continuations, max_new_tokens=max_new_tokens, seed=seed,
+                               batch_size=batch_size)
+    score_range = SCORE_R_RANGE
+    if calibrate:
+        unit = direction["raw_norm"]
+        if calibration is None:
+            calibration = calibrate_steering(lm, layer, w, unit, texts.prompts,
+                                             search_rs=calibration_rs, saturation=saturation,
+                                             fluency_floor=fluency_floor,
+                                             max_new_tokens=max_new_tokens,
+                                             batch_size=batch_size, seed=seed,
+                                             fluency_judge=judge, progress=progress)
+        to_run = unit / act_norm  # DiffMean units -> this run's units
+        rs = [round(r * to_run, 6) for r in calibrated_rs(calibration, rs)]
+        score_range = [round(r * to_run, 6) for r in calibrated_rs(calibration, SCORE_R_RANGE)]
     recons: dict[str, Callable | None] = {}
     if "diffmean" in methods:
         recons["diffmean"] = None
@@ -548,8 +832,10 @@ def steer_run(run_dir, baselines: Sequence = (), *, rs: Sequence[float] = DEFAUL
     result = evaluate_steering(lm, layer, w, act_norm, texts.prompts, recons, rs=rs,
                                negative=negative, max_new_tokens=max_new_tokens,
                                batch_size=batch_size, classifier=classifier, seed=seed,
-                               progress=progress)
+                               progress=progress, fluency_judge=judge, zero_arm=zero_arm,
+                               score_r_range=score_range, scales=scales)
     result["act_norm"].update(norm_info)
+    result["calibration"] = dict(calibration) if calibrate else None
     result["direction"] = direction
     result["texts"] = texts.source
     result["run"] = str(run_dir)

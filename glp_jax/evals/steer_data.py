@@ -14,12 +14,16 @@ neutral prefixes, neither of which ships here): the fortune corpus, scored by VA
   words, truncated to their first `prompt_words` (10) words; a prefix that VADER still
   scores non-zero is skipped. Neutral fortunes are disjoint from both direction sets (|c| <
   0.5). `n_prompts` of them are drawn with a seeded permutation (numpy default_rng(seed)).
+  The rest of each prompt's fortune (" " + its remaining words) is kept as the prompt's REAL
+  continuation (`continuations`): the fluency judge's "as fluent as real text" anchor.
 Fortunes the GLP was trained on may appear here: steering asks how edits at the last
 position read, not whether the texts were held out.
 
 A user's own sets: `pos=`, `neg=`, `prompts=` given as lists of strings or file paths: a
 `.jsonl` file (one {"text": ...} object a line) or any other text file (one text a line,
-blank lines skipped). User prompts are used as they are (not truncated).
+blank lines skipped). User prompts are used as they are (not truncated); `continuations=`
+(same formats, one per prompt, in order) gives their real continuations, else the fluency
+judge calibrates on held-out fortunes.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ class SteerTexts:
     neg: list[str]
     prompts: list[str]
     source: dict = field(default_factory=dict)
+    continuations: list[str] | None = None  # the real continuation of each prompt
 
 
 _ANALYZER = None
@@ -115,11 +120,13 @@ def fortune_steer_texts(*, n_prompts: int, n_direction: int = DEFAULT_N_DIRECTIO
            if short[i] and score[i] <= -DIRECTION_THRESHOLD][:n_direction]
     cands = [i for i in range(len(docs)) if abs(score[i]) <= NEUTRAL_THRESHOLD
              and len(docs[i].split()) >= prompt_words + 4]
-    prompts = []
+    prompts, conts = [], []
     for i in np.random.default_rng(seed).permutation(len(cands)):
-        prefix = " ".join(docs[cands[i]].split()[:prompt_words])
+        words = docs[cands[i]].split()
+        prefix = " ".join(words[:prompt_words])
         if vader_compound([prefix])[0] == 0.0:
             prompts.append(prefix)
+            conts.append(" " + " ".join(words[prompt_words:]))
             if len(prompts) == n_prompts:
                 break
     if len(prompts) < n_prompts:
@@ -135,17 +142,22 @@ def fortune_steer_texts(*, n_prompts: int, n_direction: int = DEFAULT_N_DIRECTIO
                    f"first {prompt_words} words, seed {seed}",
         "pos_compound_mean": float(np.mean(vader_compound(pos))) if pos else None,
         "neg_compound_mean": float(np.mean(vader_compound(neg))) if neg else None,
-    })
+        "continuations": "the rest of each prompt's fortune",
+    }, conts)
 
 
 def steer_texts(pos=None, neg=None, prompts=None, *, n_prompts: int,
                 n_direction: int = DEFAULT_N_DIRECTION, prompt_words: int = DEFAULT_PROMPT_WORDS,
-                seed: int = 0) -> SteerTexts:
+                seed: int = 0, continuations=None) -> SteerTexts:
     """The user's sets where given, the fortune default for the rest. `pos` and `neg` go
-    together. User prompts beyond `n_prompts` are dropped (the first n_prompts kept)."""
+    together. User prompts beyond `n_prompts` are dropped (the first n_prompts kept), and
+    so are their `continuations` (one per prompt; only with user prompts)."""
     if (pos is None) != (neg is None):
         raise GLPError("give both the positive and the negative texts (pos= and neg=), or "
                        "neither for the fortune default")
+    if continuations is not None and prompts is None:
+        raise GLPError("continuations= belong to the user's prompts= (the fortune prompts "
+                       "bring their own): give prompts= too")
     default = None
     if pos is None or prompts is None:
         default = fortune_steer_texts(n_prompts=n_prompts, n_direction=n_direction,
@@ -158,14 +170,24 @@ def steer_texts(pos=None, neg=None, prompts=None, *, n_prompts: int,
         source.pop("neg_compound_mean", None)
     else:
         p, n = default.pos, default.neg
+    conts = None
     if prompts is not None:
-        pr = read_texts(prompts)[:n_prompts]
+        all_prompts = read_texts(prompts)
+        pr = all_prompts[:n_prompts]
         source["prompts"] = _describe(prompts, len(pr))
+        source.pop("continuations", None)
+        if continuations is not None:
+            c = read_texts(continuations)
+            if len(c) != len(all_prompts):
+                raise GLPError(f"{len(c)} continuations for {len(all_prompts)} prompts: give "
+                               f"one real continuation per prompt, in the same order")
+            conts = [t if t[:1].isspace() else " " + t for t in c[:n_prompts]]
+            source["continuations"] = _describe(continuations, len(conts))
     else:
-        pr = default.prompts
+        pr, conts = default.prompts, default.continuations
     if not p or not n:
         raise GLPError("DiffMean needs at least one positive and one negative text")
-    return SteerTexts(p, n, pr, source)
+    return SteerTexts(p, n, pr, source, conts)
 
 
 def _describe(spec, n: int) -> str:

@@ -14,6 +14,8 @@ norm once per sweep, so the cost per checkpoint is the GLP's own.
 
 from __future__ import annotations
 
+import math
+
 from glp_jax.errors import GLPError
 from glp_jax.progress import progress_bar
 from glp_jax.rundir import RunDir
@@ -75,6 +77,11 @@ def utility_over_checkpoints(paths, *, probe: bool = True, steer: bool = False,
         inputs = inputs or task_inputs_once(tasks, lm, layer, mlp=False, max_length=max_length,
                                             progress=progress)
     scorer = steer_scorer(glps[0], lm, layer, seed=seed, **(steer_kwargs or {})) if steer else None
+    if scorer is not None and progress:
+        sc = scorer.scale
+        print(f"[utility] steer_score scale: r x {sc['norm']} norm ({sc['unit']:.4g})"
+              + (f", calibrated (r_sat {sc['r_saturation']:.3g}, {sc['calibration']})"
+                 if sc["calibrated"] else "") + f", r in {sc['rs']}", flush=True)
     results: dict[str, list[dict]] = {}
     for run in glps:
         if run_llm_and_layer(run) != (name, layer):
@@ -103,28 +110,72 @@ def utility_over_checkpoints(paths, *, probe: bool = True, steer: bool = False,
 def steer_scorer(run, lm, layer: int, *, seed: int = 0, n_prompts: int = 8,
                  rs=(1.2, 1.6, 2.0), max_new_tokens: int = 20, n_direction: int = 64,
                  sigma0: float = 0.5, steps: int = 20, convention: str = "code",
-                 batch_size: int = 32, norm: str = "mean"):
-    """glp -> steer_score (glp method, positive task) with texts, DiffMean direction and
-    activation norm fixed once for the whole sweep."""
+                 batch_size: int = 32, norm: str = "diffmean", calibrate: bool = True,
+                 calibration: dict | None = None):
+    """glp -> steer_score (glp method, positive task) with texts, DiffMean direction, fluency
+    judge and scale fixed once for the whole sweep.
+
+    The scale is explicit, on the returned function's `.scale`: by default (norm="diffmean",
+    calibrate=True) the CALIBRATED DiffMean-unit scale that finding 5's verdict uses
+    (evals/steer.py): `rs`, points of the spec's grid inside steer_score's range [1.2, 2.0],
+    map through calibrated_rs onto DiffMean's saturation coefficient. Pass the steering
+    run's `calibration` so both use the same r_sat (glp reproduce does); without one it is
+    measured here, on these prompts. calibrate=False: r x the `norm` unit (mean = the
+    spec's scale)."""
     from glp_jax.evals.recon import GLPProjection
     from glp_jax.evals.steer import (
+        SCORE_R_RANGE,
+        calibrate_steering,
+        calibrated_rs,
         diffmean_direction,
         evaluate_steering,
         fit_chunk,
+        make_fluency_judge,
         steering_scale,
     )
     from glp_jax.evals.steer_data import steer_texts
+    from glp_jax.llm.extract import tokenize_documents
 
+    if calibration is not None and not (calibrate and norm == "diffmean"):
+        raise GLPError(f"a calibration is used only on the calibrated DiffMean scale "
+                       f"(norm='diffmean', calibrate=True), not norm={norm!r}, "
+                       f"calibrate={calibrate}")
     texts = steer_texts(n_prompts=n_prompts, n_direction=n_direction, seed=seed)
     w, direction = diffmean_direction(lm, layer, texts.pos, texts.neg)
-    act_norm, _ = steering_scale(run, layer, direction, norm)
+    act_norm, norm_info = steering_scale(run, layer, direction, norm)
+    judge = make_fluency_judge(lm, tokenize_documents(lm.tokenizer, texts.prompts, 64),
+                               texts.continuations, max_new_tokens=max_new_tokens, seed=seed,
+                               batch_size=batch_size)
+    rs, score_range = [float(r) for r in rs], SCORE_R_RANGE
+    scale = {"norm": norm, "unit": act_norm, "source": norm_info.get("source"),
+             "calibrated": False}
+    if calibrate and norm == "diffmean":
+        if calibration is None:
+            calibration = calibrate_steering(lm, layer, w, act_norm, texts.prompts,
+                                             max_new_tokens=max_new_tokens,
+                                             batch_size=batch_size, seed=seed,
+                                             fluency_judge=judge)
+            where = f"measured on the scorer's {len(texts.prompts)} prompts"
+        elif not math.isclose(calibration["unit"], act_norm, rel_tol=1e-6):
+            raise GLPError(f"the calibration was measured with a DiffMean norm of "
+                           f"{calibration['unit']:.6g}, the scorer's direction has "
+                           f"{act_norm:.6g}: other direction texts (n_direction) or layer")
+        else:
+            where = "given (the steering finding's)"
+        rs, score_range = calibrated_rs(calibration, rs), calibrated_rs(calibration,
+                                                                        SCORE_R_RANGE)
+        scale.update(calibrated=True, r_saturation=calibration["r_saturation"],
+                     calibration=where)
+    scale.update(rs=rs, alphas=[r * act_norm for r in rs])
 
     def score(glp) -> float:
         rec = GLPProjection(glp, sigma0=sigma0, steps=steps, convention=convention, seed=seed)
         fit_chunk(rec, batch_size)
         res = evaluate_steering(lm, layer, w, act_norm, texts.prompts, {"glp": rec}, rs=rs,
                                 max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                seed=seed, progress=False)
+                                seed=seed, progress=False, fluency_judge=judge,
+                                zero_arm=False, score_r_range=score_range)
         return float(res["steer_score"]["glp"])
 
+    score.scale = scale
     return score

@@ -16,6 +16,14 @@ from glp_jax.errors import ConfigError
 DEFAULT_PLAN = "experiments/reproduce/cpu.yaml"
 
 
+def _steer_default(name: str):
+    """A default that evals/steer.py owns (imported only when a plan is built)."""
+    from glp_jax.evals import steer
+
+    value = getattr(steer, name)
+    return list(value) if isinstance(value, tuple) else value
+
+
 @dataclass
 class ReproducePlan:
     # where everything goes (a rerun skips every finished part)
@@ -67,7 +75,21 @@ class ReproducePlan:
     steer_direction_texts: int = 64
     utility_steer: bool = True  # steer_score at every checkpoint (finding 6)
     utility_steer_prompts: int = 8
-    utility_steer_norm: str = "diffmean"  # mean (the spec) | centred | diffmean (evals/steer.py)
+    utility_steer_norm: str = "diffmean"  # mean (the spec) | centred | diffmean (evals/steer.py);
+    # diffmean with steer_calibrate = the calibrated scale that decides finding 5
+    # The calibrated range (evals/steer.py calibrate_steering): DiffMean alone at r x
+    # ||DiffMean|| for r in steer_calibration_rs; r_sat = the smallest r reaching the unsteered
+    # concept01 + steer_saturation x the best gain (among r where DiffMean's fluency01 >=
+    # steer_fluency_floor x the unsteered model's); the diffmean steering grid is then
+    # steer_rs x r_sat / 2.0 (and the utility steer_score's r in [1.2, 2.0] likewise).
+    # false: the diffmean variant runs r = steer_rs x ||DiffMean||, and the spec's mean-norm
+    # scale decides finding 5.
+    steer_calibrate: bool = True
+    steer_calibration_rs: list[float] = field(default_factory=lambda: _steer_default(
+        "CALIBRATION_RS"))
+    steer_saturation: float = field(default_factory=lambda: _steer_default("SATURATION"))
+    # only r where DiffMean's fluency01 >= this x the unsteered model's count in the search
+    steer_fluency_floor: float = field(default_factory=lambda: _steer_default("FLUENCY_FLOOR"))
     seed: int = 0
 
     def __post_init__(self):
@@ -94,6 +116,17 @@ class ReproducePlan:
         if self.utility_steer_norm not in ("mean", "centred", "diffmean"):
             raise ConfigError(f"utility_steer_norm must be mean, centred or diffmean, got "
                               f"{self.utility_steer_norm!r}")
+        if not 0 < self.steer_saturation <= 1:
+            raise ConfigError(f"steer_saturation must be in (0, 1], got {self.steer_saturation}")
+        if not 0 <= self.steer_fluency_floor <= 1:
+            raise ConfigError(f"steer_fluency_floor must be in [0, 1], got "
+                              f"{self.steer_fluency_floor}")
+        if len(self.steer_calibration_rs) < 2 or min(self.steer_calibration_rs) <= 0:
+            raise ConfigError(f"steer_calibration_rs must hold >= 2 positive coefficients, got "
+                              f"{self.steer_calibration_rs}")
+        if not self.steer_rs or min(self.steer_rs) <= 0:
+            raise ConfigError(f"steer_rs must hold positive coefficients (r = 0 is always run "
+                              f"too), got {self.steer_rs}")
         if self.fd_steps not in self.fd_steps_list:
             self.fd_steps_list = sorted({*self.fd_steps_list, self.fd_steps})
 

@@ -4,10 +4,13 @@
     2. the depth sweep: one cosine run per depth, validation loss at log-spaced steps and
        log-spaced checkpoints (the data axis)
     3. baselines on the same store: a TopK SAE trained by the same loop, PCA
-    4. utility vs compute: 1-D probe AUC (and steer_score) of every kept checkpoint
+    4. utility vs compute: 1-D probe AUC (and steer_score) of every kept checkpoint; the
+       steering calibration (DiffMean's concept saturation, evals/steer_calibration.json)
+       first, so steer_score and finding 5 share one calibrated scale
     5. fits (loss law, downstream vs compute and vs loss) and their plots
     6. Table 1 (raw and bias-corrected FD, paired replicate intervals), Table 2 (delta LM
-       loss), Table 4 (1-D and dense probing), steering (the spec's mean-norm scale and a DiffMean-relative one)
+       loss), Table 4 (1-D and dense probing), steering (the calibrated DiffMean-unit scale,
+       which decides finding 5, and the spec's mean-norm scale beside it)
     7. the report: <report_dir>/REPORT.md, its PNGs and findings.json
 Each part is skipped when its output exists, so a killed run resumes where it stopped;
 <root>/timings.json adds up the seconds every part really took over all invocations.
@@ -24,9 +27,11 @@ from glp_jax.reproduce.plan import ReproducePlan
 from glp_jax.reproduce.steps import Timings, cached_json, extract_stores, train_baselines
 
 TAG = "reproduce"
-# Steering twice: r x the mean activation norm (the spec's protocol, decides the verdict) and
-# r x the DiffMean vector's norm (SmolLM2's mean norm is ~10x it; see evals/steer.py SCALES).
+# Steering twice: r x the mean activation norm (the spec's protocol, shown beside) and r x
+# the DiffMean vector's norm on the calibrated grid (decides finding 5, plan.steer_calibrate;
+# SmolLM2's mean norm is ~10x the DiffMean norm and degenerate: evals/steer.py docstring).
 STEER_VARIANTS = (("mean", "steer"), ("diffmean", "steer_diffmean"))
+CALIBRATION_NAME = "steer_calibration"
 ROBUST_TABLE1 = "table1_no_massive"
 
 
@@ -56,11 +61,16 @@ def run_reproduce(plan: ReproducePlan, *, report: bool = True) -> Path:
         baselines = train_baselines(stores, root, sae_config=plan.sae_config,
                                     sae_activations=plan.sae_activations, tag=TAG)
     ctx = EvalContext(plan, stores, timings)
+    evals = root / "evals"
+    calibration = None
+    if plan.steer_calibrate:
+        with timings.part("steering calibration"):
+            calibration = cached_json(evals / f"{CALIBRATION_NAME}.json",
+                                      lambda: steer_calibration(plan, evals, ctx))
     with timings.part("utility"):
-        utility_vs_compute(plan, sweep_dir, ctx)
+        utility_vs_compute(plan, sweep_dir, ctx, calibration)
     with timings.part("fits"):
         fit_and_plot(plan, sweep_dir, root / "plots")
-    evals = root / "evals"
     targets = [sweep_dir, baselines["sae"], baselines["pca"]]
     best = best_run(sweep_dir)
     with timings.part("table1 fd"):
@@ -74,9 +84,12 @@ def run_reproduce(plan: ReproducePlan, *, report: bool = True) -> Path:
     with timings.part("table4 probe"):
         cached_json(evals / "probe.json", lambda: table4(plan, best, baselines, evals, ctx))
     for norm, name in STEER_VARIANTS:
+        cal = calibration if norm == "diffmean" else None
         with timings.part(f"steering ({norm} norm)"):
+            retire_old_steer(evals / f"{name}.json")
             cached_json(evals / f"{name}.json",
-                        lambda n=norm, m=name: steering(plan, best, baselines, evals, ctx, n, m))
+                        lambda n=norm, m=name, c=cal: steering(plan, best, baselines, evals,
+                                                               ctx, n, m, c))
     say(f"all parts done in {time.perf_counter() - t0:.0f} s this invocation "
         f"({timings.total:.0f} s over all invocations)")
     if not report:
@@ -141,9 +154,11 @@ def run_sweep(plan: ReproducePlan, stores, sweep_dir: Path) -> None:
                                          widths=widths, mlp_ratio=plan.mlp_ratio), sweep_dir)
 
 
-def utility_vs_compute(plan: ReproducePlan, sweep_dir: Path, ctx: EvalContext) -> None:
+def utility_vs_compute(plan: ReproducePlan, sweep_dir: Path, ctx: EvalContext,
+                       calibration: dict | None = None) -> None:
     """1-D probe AUC and steer_score at every kept checkpoint, one run at a time (a rerun
-    redoes at most the run it was in)."""
+    redoes at most the run it was in). steer_score on plan.utility_steer_norm: "diffmean" =
+    the calibrated scale of finding 5 (the same `calibration`) when plan.steer_calibrate."""
     from glp_jax.evals.utility import PROBE_COLUMN, STEER_COLUMN, utility_over_checkpoints
     from glp_jax.scaling import load_runs
 
@@ -158,9 +173,17 @@ def utility_vs_compute(plan: ReproducePlan, sweep_dir: Path, ctx: EvalContext) -
         utility_over_checkpoints(
             [run.path], probe=probe, steer=steer, sigma=plan.utility_sigma, seed=plan.seed,
             tasks=ctx.tasks if probe else None, inputs=ctx.inputs if probe else None,
-            lm=ctx.lm, max_length=plan.probe_max_length, steer_kwargs={"n_prompts": plan.utility_steer_prompts,
-                                     "n_direction": plan.steer_direction_texts,
-                                     "norm": plan.utility_steer_norm})
+            lm=ctx.lm, max_length=plan.probe_max_length, steer_kwargs=utility_steer_kwargs(
+                plan, calibration))
+
+
+def utility_steer_kwargs(plan: ReproducePlan, calibration: dict | None) -> dict:
+    """steer_scorer's arguments: the calibrated scale (finding 5's calibration) exactly when
+    utility_steer_norm is diffmean and steer_calibrate is on; else r x that norm."""
+    calibrated = plan.utility_steer_norm == "diffmean" and plan.steer_calibrate
+    return {"n_prompts": plan.utility_steer_prompts, "n_direction": plan.steer_direction_texts,
+            "norm": plan.utility_steer_norm, "calibrate": calibrated,
+            "calibration": calibration if calibrated else None}
 
 
 def fit_and_plot(plan: ReproducePlan, sweep_dir: Path, plot_dir: Path) -> dict | None:
@@ -223,12 +246,72 @@ def table4(plan: ReproducePlan, best: Path, baselines, evals: Path, ctx: EvalCon
                      out_dir=evals)
 
 
+def steer_calibration(plan: ReproducePlan, evals: Path, ctx: EvalContext) -> dict:
+    """DiffMean's concept saturation on the steering prompts (evals/steer.py
+    calibrate_steering), written once and shared by finding 5 and the utility steer_score."""
+    from glp_jax.evals.steer import calibrate_steering, diffmean_direction
+    from glp_jax.evals.steer_data import steer_texts
+    from glp_jax.rundir import write_results
+
+    say(f"steering calibration: DiffMean alone at r x ||DiffMean|| for r in "
+        f"{plan.steer_calibration_rs} on {plan.steer_prompts} prompts (saturation at "
+        f"{plan.steer_saturation:g} of the best concept gain)")
+    texts = steer_texts(n_prompts=plan.steer_prompts, n_direction=plan.steer_direction_texts,
+                        seed=plan.seed)
+    w, direction = diffmean_direction(ctx.lm, ctx.layer, texts.pos, texts.neg)
+    cal = calibrate_steering(ctx.lm, ctx.layer, w, direction["raw_norm"], texts.prompts,
+                             search_rs=plan.steer_calibration_rs,
+                             saturation=plan.steer_saturation,
+                             fluency_floor=plan.steer_fluency_floor, seed=plan.seed,
+                             continuations=texts.continuations)
+    cal["used_by"] = [f"steer_diffmean (finding 5's verdict): r in "
+                      f"{calibrated_grid(plan, cal)} x ||DiffMean||"]
+    kw = utility_steer_kwargs(plan, cal)
+    if plan.utility_steer and kw["calibrate"]:
+        from glp_jax.evals.steer import calibrated_rs
+
+        cal["used_by"].append(f"the utility steer_score (finding 6): r in "
+                              f"{calibrated_rs(cal, (1.2, 1.6, 2.0))} x ||DiffMean||, on the "
+                              f"first {plan.utility_steer_prompts} of these prompts")
+    elif plan.utility_steer:
+        cal["used_by"].append(f"NOT the utility steer_score (finding 6): it uses r x the "
+                              f"{plan.utility_steer_norm} norm (plan utility_steer_norm)")
+    say(f"steering calibration: r_sat = {cal['r_saturation']:g} x ||DiffMean|| "
+        f"({cal['alpha_saturation']:.4g}); concept01 {cal['baseline_concept01']:.3f} unsteered "
+        f"-> {cal['concept01_at_saturation']:.3f}")
+    write_results(evals, CALIBRATION_NAME, cal)
+    return cal
+
+
+def calibrated_grid(plan: ReproducePlan, cal: dict) -> list[float]:
+    from glp_jax.evals.steer import calibrated_rs
+
+    return calibrated_rs(cal, plan.steer_rs)
+
+
+def retire_old_steer(path: Path) -> None:
+    """A steer*.json of an older schema (fluency relative to the greedy path, no r = 0
+    arm) is renamed to *.schema1.json, so the step reruns and nothing is lost."""
+    import json
+
+    from glp_jax.evals.steer import SCHEMA
+
+    if path.is_file() and json.loads(path.read_text()).get("schema", 1) < SCHEMA:
+        say(f"{path.name} predates the text-based fluency judge: kept as "
+            f"{path.stem}.schema1.json, rerunning")
+        path.rename(path.with_name(f"{path.stem}.schema1.json"))
+
+
 def steering(plan: ReproducePlan, best: Path, baselines, evals: Path, ctx: EvalContext,
-             norm: str, name: str) -> dict:
+             norm: str, name: str, calibration: dict | None = None) -> dict:
+    """One steering variant; with a calibration its grid is plan.steer_rs rescaled onto
+    DiffMean's saturation (evals/steer.py calibrated_rs)."""
     from glp_jax.evals.steer import steer_run
 
-    say(f"steering ({norm} activation norm): {plan.steer_prompts} prompts x r in "
-        f"{plan.steer_rs}, diffmean / {best.name} / SAE")
+    grid = calibrated_grid(plan, calibration) if calibration else plan.steer_rs
+    say(f"steering ({norm} norm{', calibrated' if calibration else ''}): {plan.steer_prompts} "
+        f"prompts x r in {[0.0, *grid]}, diffmean / {best.name} / SAE")
     return steer_run(best, baselines=[baselines["sae"]], rs=plan.steer_rs,
                      n_prompts=plan.steer_prompts, n_direction=plan.steer_direction_texts,
-                     seed=plan.seed, lm=ctx.lm, out_dir=evals, norm=norm, name=name)
+                     seed=plan.seed, lm=ctx.lm, out_dir=evals, norm=norm, name=name,
+                     calibrate=calibration is not None, calibration=calibration)
