@@ -424,10 +424,13 @@ def finding_steering(steers: Mapping[str, Mapping], *, primary: str | None = Non
                         f"{cal.get('fluency_floor', 0):g} x the unsteered model's; the grid is "
                         f"the spec's grid x r_sat / {cal['calibrated_top']:g}. The spec's "
                         f"mean-norm scale is shown beside it.")
-        if cal["gain"] <= 0:
-            notes.insert(1, "DiffMean never raised concept01 above the unsteered baseline on "
-                            "the search grid: the calibrated range is not anchored to a "
-                            "concept effect.")
+        if not cal.get("significant", cal["gain"] > 0):
+            ci = cal.get("gain_ci") or [math.nan, math.nan]
+            notes.insert(1, f"DiffMean's best concept gain on the search grid is not "
+                            f"significant (95% CI {ci_text(*ci, '{:+.3f}')} over prompts): "
+                            f"there is no saturation to anchor on, so r_sat is the largest r "
+                            f"whose fluency stays above the floor (the strongest push whose "
+                            f"text is still text).")
         if cal.get("used_by"):
             notes.append("The same calibration is used by: " + "; ".join(cal["used_by"]) + ".")
     if st is not None and st.get("fluency_judge"):

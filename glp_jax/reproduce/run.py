@@ -253,10 +253,11 @@ def steer_calibration(plan: ReproducePlan, evals: Path, ctx: EvalContext) -> dic
     from glp_jax.evals.steer_data import steer_texts
     from glp_jax.rundir import write_results
 
+    n_prompts = plan.steer_calibration_prompts or 2 * plan.steer_prompts
     say(f"steering calibration: DiffMean alone at r x ||DiffMean|| for r in "
-        f"{plan.steer_calibration_rs} on {plan.steer_prompts} prompts (saturation at "
+        f"{plan.steer_calibration_rs} on {n_prompts} prompts (saturation at "
         f"{plan.steer_saturation:g} of the best concept gain)")
-    texts = steer_texts(n_prompts=plan.steer_prompts, n_direction=plan.steer_direction_texts,
+    texts = steer_texts(n_prompts=n_prompts, n_direction=plan.steer_direction_texts,
                         seed=plan.seed)
     w, direction = diffmean_direction(ctx.lm, ctx.layer, texts.pos, texts.neg)
     cal = calibrate_steering(ctx.lm, ctx.layer, w, direction["raw_norm"], texts.prompts,
@@ -278,7 +279,9 @@ def steer_calibration(plan: ReproducePlan, evals: Path, ctx: EvalContext) -> dic
                               f"{plan.utility_steer_norm} norm (plan utility_steer_norm)")
     say(f"steering calibration: r_sat = {cal['r_saturation']:g} x ||DiffMean|| "
         f"({cal['alpha_saturation']:.4g}); concept01 {cal['baseline_concept01']:.3f} unsteered "
-        f"-> {cal['concept01_at_saturation']:.3f}")
+        f"-> {cal['concept01_at_saturation']:.3f}"
+        + ("" if cal["significant"] else " (no significant concept gain: r_sat = the largest "
+           "r whose fluency stays above the floor)"))
     write_results(evals, CALIBRATION_NAME, cal)
     return cal
 
