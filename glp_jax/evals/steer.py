@@ -568,13 +568,16 @@ def calibration_markdown(cal: Mapping, scales: Mapping[str, float] | None = None
     scales = dict(scales or {})
     scales.pop("diffmean", None)
     extra = "".join(f" r ({k} norm) |" for k in scales)
+    how = (f"the smallest r whose concept01 reaches the unsteered "
+           f"{cal['baseline_concept01']:.3f} + {100 * cal['saturation']:.0f}% of the best gain"
+           if cal.get("significant", cal["gain"] > 0) else
+           f"no significant concept gain over the unsteered {cal['baseline_concept01']:.3f}, "
+           f"so the largest r whose fluency01 stays above the floor")
     lines = [f"Calibrated range: DiffMean alone at alpha = r x ||DiffMean|| ({cal['unit']:.4g}) "
              f"on {cal['n_prompts']} prompts; r_sat = {_r(cal['r_saturation'])} (alpha "
-             f"{cal['alpha_saturation']:.4g}), the smallest r whose concept01 reaches the "
-             f"unsteered {cal['baseline_concept01']:.3f} + {100 * cal['saturation']:.0f}% of "
-             f"the best gain ({cal['gain']:+.3f}, concept01 {cal['concept01_best']:.3f} at r = "
-             f"{_r(cal['r_best'])}; only r where DiffMean's fluency01 >= "
-             f"{cal.get('fluency_floor', 0):g} x the unsteered "
+             f"{cal['alpha_saturation']:.4g}): {how} (best gain {cal['gain']:+.3f}, concept01 "
+             f"{cal['concept01_best']:.3f} at r = {_r(cal['r_best'])}; only r where DiffMean's "
+             f"fluency01 >= {cal.get('fluency_floor', 0):g} x the unsteered "
              f"{cal['baseline_fluency01']:.3f} count). The steering grid is the spec's grid x "
              f"r_sat / {cal['calibrated_top']:g}."]
     if not cal.get("significant", cal["gain"] > 0):
