@@ -470,6 +470,18 @@ def test_saturation_coefficient_and_the_calibrated_grid():
     assert floored["fluent_search"] and floored["gain"] == pytest.approx(0.2)
     broken = saturation_coefficient(rs, spike, 0.2, fluency01=flu, min_fluency01=0.95)
     assert not broken["fluent_search"] and broken["r_saturation"] == 8.0  # all counted
+    # per prompt: the best gain must be significant, else the largest eligible r
+    base_p = np.zeros(6)
+    clear = np.tile(np.array(c)[:, None], (1, 6))  # every prompt gains the same
+    sig = saturation_coefficient(rs, c, 0.0, concept_by_prompt=clear,
+                                 baseline_by_prompt=base_p, fluency01=flu,
+                                 min_fluency01=0.25)  # eligible: r <= 8
+    assert sig["significant"] and sig["gain_ci"][0] > 0 and sig["r_saturation"] == 4.0
+    noisy = clear * np.array([1, -1, 1, -1, 1, -1])  # gains cancel over prompts
+    ns = saturation_coefficient(rs, c, 0.0, concept_by_prompt=noisy,
+                                baseline_by_prompt=base_p, fluency01=flu, min_fluency01=0.25)
+    assert not ns["significant"] and ns["gain_ci"][0] <= 0 < ns["gain_ci"][1]
+    assert ns["r_saturation"] == 8.0 == max(ns["eligible"])  # the edge of fluent text
     none = saturation_coefficient([1, 2], [0.1, 0.05], baseline=0.2)
     assert none["gain"] < 0 and none["r_saturation"] == 2.0  # no effect: the grid's top
     with pytest.raises(GLPError, match="saturation"):

@@ -20,11 +20,14 @@ Protocol:
   the unsteered baseline + 90% of DiffMean's best gain over the grid, counting only the r
   where DiffMean's fluency01 is still >= half the unsteered model's (VADER scores the
   "please, please, please" of a broken continuation as positive: that is no saturated
-  concept; the grid's top when DiffMean gains nothing, flagged in the reports); the
-  steering grid is
+  concept). When the best gain is not significant (its paired bootstrap CI over prompts
+  contains 0) there is no saturation to find: r_sat is then the largest r whose fluency is
+  above that floor (the strongest push whose text is still text), flagged in the reports.
+  The steering grid is
   then the spec's grid rescaled so that its top (2.0) is r_sat (r_k = r_sat * r_spec_k /
   2.0), and steer_score's range [1.2, 2.0] maps the same way. So the grid runs from ~no
-  effect (r_sat / 10) to a saturated concept. Every row also states alpha in the other
+  effect (r_sat / 10) to a saturated concept (or, without one, to the edge of fluent
+  text). Every row also states alpha in the other
   units (`r_by_scale`), so the spec's mean-norm scale is shown beside the calibrated one.
 - Edit: at decoder layer k, only the last position of every forward (the last prompt token
   at prefill, prompts left-padded; then each new token under the KV cache):
@@ -437,14 +440,22 @@ def evaluate_steering(lm, layer: int, direction_D, act_norm: float, prompts: Seq
 def saturation_coefficient(rs: Sequence[float], concept01: Sequence[float], baseline: float,
                            saturation: float = SATURATION, *,
                            fluency01: Sequence[float] | None = None,
-                           min_fluency01: float | None = None) -> dict:
+                           min_fluency01: float | None = None,
+                           concept_by_prompt=None, baseline_by_prompt=None,
+                           seed: int = 0) -> dict:
     """The smallest r whose concept01 reaches baseline + saturation x (the best concept01 -
-    baseline), over a search grid `rs` (sorted here). With `fluency01` and `min_fluency01`
-    only the r whose fluency01 is at least that count (the "eligible" ones): a concept score
-    read off text that is no longer text (VADER rates "please, please, please" positive) is
-    not a saturated concept; if none is eligible, all are (`fluent_search` False). Without
-    any gain over the baseline nothing saturates inside the grid: its largest eligible r is
-    returned with gain <= 0 (the direction does not steer; reports say so)."""
+    baseline), over a search grid `rs` (sorted here).
+
+    - With `fluency01` and `min_fluency01` only the r whose fluency01 is at least that count
+      (the "eligible" ones): a concept score read off text that is no longer text (VADER
+      rates "please, please, please" positive) is not a saturated concept; if none is
+      eligible, all are (`fluent_search` False).
+    - With the per-prompt concepts (`concept_by_prompt` [R, P] in the order of `rs`,
+      `baseline_by_prompt` [P]) the best gain must be significant: its 95% paired bootstrap
+      CI over prompts (`gain_ci`) must exclude 0.
+    Without a (significant) gain nothing saturates inside the grid: the largest eligible r
+    is returned, i.e. the strongest push under which DiffMean's text is still text
+    (`significant` False; reports say so)."""
     if not 0 < saturation <= 1:
         raise GLPError(f"saturation must be in (0, 1], got {saturation}")
     if len(rs) != len(concept01) or len(rs) < 2:
@@ -460,15 +471,23 @@ def saturation_coefficient(rs: Sequence[float], concept01: Sequence[float], base
     cand = np.flatnonzero(ok) if fluent else np.arange(len(r))
     best = int(cand[np.argmax(c[cand])])
     gain = float(c[best] - baseline)
-    if gain <= 0:
-        i = int(cand[-1])
-    else:
+    gain_ci = None
+    significant = gain > 0
+    if concept_by_prompt is not None and baseline_by_prompt is not None:
+        diff = (np.asarray(concept_by_prompt, np.float64)[order][best]
+                - np.asarray(baseline_by_prompt, np.float64))
+        gain_ci = stats.bootstrap_ci(diff, seed=seed)
+        significant = bool(gain_ci[0] > 0)
+    if significant:
         i = int(cand[np.argmax(c[cand] >= baseline + saturation * gain)])
+    else:
+        i = int(cand[-1])
     return {"r_saturation": float(r[i]), "concept01_at_saturation": float(c[i]),
             "r_best": float(r[best]), "concept01_best": float(c[best]),
-            "baseline_concept01": float(baseline), "gain": gain, "saturation": saturation,
-            "min_fluency01": min_fluency01, "eligible": [float(x) for x in r[cand]],
-            "fluent_search": fluent}
+            "baseline_concept01": float(baseline), "gain": gain,
+            "gain_ci": None if gain_ci is None else list(gain_ci), "significant": significant,
+            "saturation": saturation, "min_fluency01": min_fluency01,
+            "eligible": [float(x) for x in r[cand]], "fluent_search": fluent}
 
 
 def calibrate_steering(lm, layer: int, direction_D, unit: float, prompts: Sequence[str], *,
@@ -489,10 +508,17 @@ def calibrate_steering(lm, layer: int, direction_D, unit: float, prompts: Sequen
                             zero_arm=False)
     rows = res["results"]["positive"]["diffmean"]
     base = res["unsteered"]["positive"]
+    per = np.zeros((len(rows) + 1, res["n_prompts"]))  # row 0: unsteered, then the search
+    index = {x["r"]: i for i, x in enumerate(rows, start=1)}
+    for g in res["generations"]:
+        i = 0 if g["method"] == "none" else index[g["r"]]
+        per[i, g["prompt"]] = max(0.0, g["compound"])
     sat = saturation_coefficient([x["r"] for x in rows], [x["concept01"] for x in rows],
                                  base["concept01"], saturation,
                                  fluency01=[x["fluency01"] for x in rows],
-                                 min_fluency01=fluency_floor * base["fluency01"])
+                                 min_fluency01=fluency_floor * base["fluency01"],
+                                 concept_by_prompt=per[1:], baseline_by_prompt=per[0],
+                                 seed=seed)
     return {"unit": float(unit), "unit_name": "diffmean", "n_prompts": res["n_prompts"],
             "max_new_tokens": max_new_tokens, **sat, "fluency_floor": fluency_floor,
             "alpha_saturation": sat["r_saturation"] * float(unit),
@@ -542,18 +568,25 @@ def calibration_markdown(cal: Mapping, scales: Mapping[str, float] | None = None
     scales = dict(scales or {})
     scales.pop("diffmean", None)
     extra = "".join(f" r ({k} norm) |" for k in scales)
+    how = (f"the smallest r whose concept01 reaches the unsteered "
+           f"{cal['baseline_concept01']:.3f} + {100 * cal['saturation']:.0f}% of the best gain"
+           if cal.get("significant", cal["gain"] > 0) else
+           f"no significant concept gain over the unsteered {cal['baseline_concept01']:.3f}, "
+           f"so the largest r whose fluency01 stays above the floor")
     lines = [f"Calibrated range: DiffMean alone at alpha = r x ||DiffMean|| ({cal['unit']:.4g}) "
              f"on {cal['n_prompts']} prompts; r_sat = {_r(cal['r_saturation'])} (alpha "
-             f"{cal['alpha_saturation']:.4g}), the smallest r whose concept01 reaches the "
-             f"unsteered {cal['baseline_concept01']:.3f} + {100 * cal['saturation']:.0f}% of "
-             f"the best gain ({cal['gain']:+.3f}, concept01 {cal['concept01_best']:.3f} at r = "
-             f"{_r(cal['r_best'])}; only r where DiffMean's fluency01 >= "
-             f"{cal.get('fluency_floor', 0):g} x the unsteered "
+             f"{cal['alpha_saturation']:.4g}): {how} (best gain {cal['gain']:+.3f}, concept01 "
+             f"{cal['concept01_best']:.3f} at r = {_r(cal['r_best'])}; only r where DiffMean's "
+             f"fluency01 >= {cal.get('fluency_floor', 0):g} x the unsteered "
              f"{cal['baseline_fluency01']:.3f} count). The steering grid is the spec's grid x "
              f"r_sat / {cal['calibrated_top']:g}."]
-    if cal["gain"] <= 0:
-        lines.append("WARNING: DiffMean never raised concept01 above the unsteered baseline "
-                     "on the search grid: this range is not calibrated to anything.")
+    if not cal.get("significant", cal["gain"] > 0):
+        ci = cal.get("gain_ci")
+        lines.append("WARNING: DiffMean's best concept gain is not significant"
+                     + (f" (95% CI {ci[0]:+.3f}..{ci[1]:+.3f} over prompts)" if ci else "")
+                     + ": no saturation to calibrate on, so r_sat is the largest r at which "
+                     "its fluency stays above the floor (the strongest push whose text is "
+                     "still text).")
     if not cal.get("fluent_search", True):
         lines.append("WARNING: at every searched r DiffMean's fluency was below the floor; "
                      "all were counted.")

@@ -21,6 +21,7 @@ from glp_jax.progress import progress_bar
 from glp_jax.rundir import RunDir
 
 PROBE_COLUMN, STEER_COLUMN = "probe_auc_1d", "steer_score"
+STEER_SCORE_RS = (1.2, 1.6, 2.0)  # points of the spec's grid inside steer_score's range
 
 
 def checkpoint_steps(run_dir, which: str = "all") -> list[int]:
@@ -108,7 +109,7 @@ def utility_over_checkpoints(paths, *, probe: bool = True, steer: bool = False,
 
 
 def steer_scorer(run, lm, layer: int, *, seed: int = 0, n_prompts: int = 8,
-                 rs=(1.2, 1.6, 2.0), max_new_tokens: int = 20, n_direction: int = 64,
+                 rs=STEER_SCORE_RS, max_new_tokens: int = 20, n_direction: int = 64,
                  sigma0: float = 0.5, steps: int = 20, convention: str = "code",
                  batch_size: int = 32, norm: str = "diffmean", calibrate: bool = True,
                  calibration: dict | None = None):

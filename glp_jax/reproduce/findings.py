@@ -496,20 +496,27 @@ def finding_steering(steers: Mapping[str, Mapping], *, primary: str | None = Non
     st = steers.get(primary)
     if st is not None and st.get("calibration"):
         cal = st["calibration"]
+        significant = cal.get("significant", cal["gain"] > 0)
         notes.insert(0, f"Calibrated scale (decides the verdict): r x ||DiffMean|| = "
                         f"{cal['unit']:.4g}; DiffMean alone was run at r in "
                         f"{[x['r'] for x in cal['search']]} and r_sat = "
-                        f"{cal['r_saturation']:.3g} is the smallest r whose concept01 reaches "
-                        f"the unsteered {cal['baseline_concept01']:.3f} + "
-                        f"{100 * cal['saturation']:.0f}% of its best gain "
-                        f"({cal['gain']:+.3f}), counting only r where its fluency01 is >= "
+                        f"{cal['r_saturation']:.3g} is "
+                        + (f"the smallest r whose concept01 reaches the unsteered "
+                           f"{cal['baseline_concept01']:.3f} + {100 * cal['saturation']:.0f}% "
+                           f"of its best gain ({cal['gain']:+.3f})" if significant else
+                           "the largest r whose fluency01 stays above the floor (see below)")
+                        + f", counting only r where DiffMean's fluency01 is >= "
                         f"{cal.get('fluency_floor', 0):g} x the unsteered model's; the grid is "
                         f"the spec's grid x r_sat / {cal['calibrated_top']:g}. The spec's "
                         f"mean-norm scale is shown beside it.")
-        if cal["gain"] <= 0:
-            notes.insert(1, "DiffMean never raised concept01 above the unsteered baseline on "
-                            "the search grid: the calibrated range is not anchored to a "
-                            "concept effect.")
+        significant_note = not significant
+        if significant_note:
+            ci = cal.get("gain_ci") or [math.nan, math.nan]
+            notes.insert(1, f"DiffMean's best concept gain on the search grid is not "
+                            f"significant (95% CI {ci_text(*ci, '{:+.3f}')} over prompts): "
+                            f"there is no saturation to anchor on, so r_sat is the largest r "
+                            f"whose fluency stays above the floor (the strongest push whose "
+                            f"text is still text).")
         if cal.get("used_by"):
             notes.append("The same calibration is used by: " + "; ".join(cal["used_by"]) + ".")
     if st is not None and st.get("fluency_judge"):

@@ -90,6 +90,9 @@ class ReproducePlan:
     steer_saturation: float = field(default_factory=lambda: _steer_default("SATURATION"))
     # only r where DiffMean's fluency01 >= this x the unsteered model's count in the search
     steer_fluency_floor: float = field(default_factory=lambda: _steer_default("FLUENCY_FLOOR"))
+    # prompts of the search (the steering prompts are their first steer_prompts; DiffMean
+    # alone is cheap, and VADER's concept is noisy); null = 2 x steer_prompts
+    steer_calibration_prompts: int | None = None
     seed: int = 0
 
     def __post_init__(self):
@@ -118,6 +121,9 @@ class ReproducePlan:
                               f"{self.utility_steer_norm!r}")
         if not 0 < self.steer_saturation <= 1:
             raise ConfigError(f"steer_saturation must be in (0, 1], got {self.steer_saturation}")
+        if self.steer_calibration_prompts is not None and self.steer_calibration_prompts < 1:
+            raise ConfigError(f"steer_calibration_prompts must be >= 1 (or null), got "
+                              f"{self.steer_calibration_prompts}")
         if not 0 <= self.steer_fluency_floor <= 1:
             raise ConfigError(f"steer_fluency_floor must be in [0, 1], got "
                               f"{self.steer_fluency_floor}")

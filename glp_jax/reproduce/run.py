@@ -247,16 +247,19 @@ def table4(plan: ReproducePlan, best: Path, baselines, evals: Path, ctx: EvalCon
 
 
 def steer_calibration(plan: ReproducePlan, evals: Path, ctx: EvalContext) -> dict:
-    """DiffMean's concept saturation on the steering prompts (evals/steer.py
-    calibrate_steering), written once and shared by finding 5 and the utility steer_score."""
-    from glp_jax.evals.steer import calibrate_steering, diffmean_direction
+    """DiffMean's concept saturation (evals/steer.py calibrate_steering) on
+    steer_calibration_prompts fortune prompts, the steering prompts first, written once and
+    shared by finding 5 and the utility steer_score."""
+    from glp_jax.evals.steer import calibrate_steering, calibrated_rs, diffmean_direction
     from glp_jax.evals.steer_data import steer_texts
+    from glp_jax.evals.utility import STEER_SCORE_RS
     from glp_jax.rundir import write_results
 
+    n_prompts = plan.steer_calibration_prompts or 2 * plan.steer_prompts
     say(f"steering calibration: DiffMean alone at r x ||DiffMean|| for r in "
-        f"{plan.steer_calibration_rs} on {plan.steer_prompts} prompts (saturation at "
+        f"{plan.steer_calibration_rs} on {n_prompts} prompts (saturation at "
         f"{plan.steer_saturation:g} of the best concept gain)")
-    texts = steer_texts(n_prompts=plan.steer_prompts, n_direction=plan.steer_direction_texts,
+    texts = steer_texts(n_prompts=n_prompts, n_direction=plan.steer_direction_texts,
                         seed=plan.seed)
     w, direction = diffmean_direction(ctx.lm, ctx.layer, texts.pos, texts.neg)
     cal = calibrate_steering(ctx.lm, ctx.layer, w, direction["raw_norm"], texts.prompts,
@@ -268,17 +271,17 @@ def steer_calibration(plan: ReproducePlan, evals: Path, ctx: EvalContext) -> dic
                       f"{calibrated_grid(plan, cal)} x ||DiffMean||"]
     kw = utility_steer_kwargs(plan, cal)
     if plan.utility_steer and kw["calibrate"]:
-        from glp_jax.evals.steer import calibrated_rs
-
         cal["used_by"].append(f"the utility steer_score (finding 6): r in "
-                              f"{calibrated_rs(cal, (1.2, 1.6, 2.0))} x ||DiffMean||, on the "
+                              f"{calibrated_rs(cal, STEER_SCORE_RS)} x ||DiffMean||, on the "
                               f"first {plan.utility_steer_prompts} of these prompts")
     elif plan.utility_steer:
         cal["used_by"].append(f"NOT the utility steer_score (finding 6): it uses r x the "
                               f"{plan.utility_steer_norm} norm (plan utility_steer_norm)")
     say(f"steering calibration: r_sat = {cal['r_saturation']:g} x ||DiffMean|| "
         f"({cal['alpha_saturation']:.4g}); concept01 {cal['baseline_concept01']:.3f} unsteered "
-        f"-> {cal['concept01_at_saturation']:.3f}")
+        f"-> {cal['concept01_at_saturation']:.3f}"
+        + ("" if cal["significant"] else " (no significant concept gain: r_sat = the largest "
+           "r whose fluency stays above the floor)"))
     write_results(evals, CALIBRATION_NAME, cal)
     return cal
 
