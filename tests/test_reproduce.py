@@ -41,7 +41,8 @@ def tiny_plan(tmp, **over):
              "dlm_seqs": 4, "dlm_length": 16, "probe_tasks": 2, "probe_rows": 240,
              "probe_max_length": 32, "steer_prompts": 3, "steer_rs": "[0.4, 2.0]",
              "steer_direction_texts": 8, "utility_steer_prompts": 1,
-             "steer_calibration_rs": "[1.0, 4.0, 16.0]", **over}  # 3 of the 12 searched r
+             "steer_calibration_rs": "[1.0, 4.0, 16.0]", "steer_calibration_prompts": 3,
+             **over}  # 3 of the 12 searched r, 3 prompts (default 2 x steer_prompts)
     return [f"{k}={v}" for k, v in items.items()]
 
 
